@@ -10,6 +10,8 @@ import functools
 import importlib
 from types import ModuleType
 
+import torch
+
 BUILD_HINT = (
     "build it from a source checkout with "
     "`EFFNN_BUILD_EXT=1 pip install --no-build-isolation --no-deps -e .`"
@@ -31,6 +33,7 @@ def load() -> ModuleType | None:
     return _load()[0]
 
 
+@torch.compiler.assume_constant_result  # probed once; torch.compile must not trace the import
 def unavailable_reason() -> str | None:
     """Why the extension cannot be used, or None when it can."""
     return _load()[1]

@@ -28,6 +28,7 @@ class BackendError(NotImplementedError):
     """A forced backend cannot serve the given input; the message lists why."""
 
 
+@torch.compiler.assume_constant_result  # probed once; torch.compile must not trace the import
 @functools.cache
 def _triton_import_error() -> str | None:
     if importlib.util.find_spec("triton") is None:

@@ -1,0 +1,1 @@
+"""Triton kernels, imported lazily, used for CUDA tensors (and CPU tensors under TRITON_INTERPRET=1)."""

@@ -1,0 +1,29 @@
+"""Reference models assembled from ``torch.nn`` and ``effnn`` layers.
+
+- :func:`vit_base_patch16_224`: ViT-B/16 (timm parameter names), dense or Monarch (Monarch
+  paper, Table 1).
+- :func:`gpt2_small`, :func:`gpt2_medium`: GPT-2 (Hugging Face module names, ``nn.Linear``
+  projections), dense or Monarch (Monarch paper, Table 2).
+
+The Monarch configurations and how they compare with the paper's tables are in docs/models.md.
+"""
+
+from effnn.models.gpt2 import (
+    GPT2_MONARCH_PRESETS,
+    GPT2LMHeadModel,
+    convert_hf_gpt2_state_dict,
+    gpt2_medium,
+    gpt2_small,
+)
+from effnn.models.vit import VIT_MONARCH_PRESETS, VisionTransformer, vit_base_patch16_224
+
+__all__ = [
+    "GPT2LMHeadModel",
+    "GPT2_MONARCH_PRESETS",
+    "VIT_MONARCH_PRESETS",
+    "VisionTransformer",
+    "convert_hf_gpt2_state_dict",
+    "gpt2_medium",
+    "gpt2_small",
+    "vit_base_patch16_224",
+]
