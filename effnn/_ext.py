@@ -10,8 +10,6 @@ import functools
 import importlib
 from types import ModuleType
 
-import torch
-
 BUILD_HINT = (
     "build it from a source checkout with "
     "`EFFNN_BUILD_EXT=1 pip install --no-build-isolation --no-deps -e .`"
@@ -33,7 +31,17 @@ def load() -> ModuleType | None:
     return _load()[0]
 
 
-@torch.compiler.assume_constant_result  # probed once; torch.compile must not trace the import
+def constant_under_compile(fn):
+    """Mark a probe whose result never changes so torch.compile calls it instead of tracing it.
+
+    This is what ``torch.compiler.assume_constant_result`` does, without its import of
+    torch._dynamo (and triton), which would make ``import effnn`` slow.
+    """
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@constant_under_compile
 def unavailable_reason() -> str | None:
     """Why the extension cannot be used, or None when it can."""
     return _load()[1]

@@ -17,6 +17,9 @@ from collections.abc import Callable
 
 import torch
 
+from effnn import _ext
+from effnn._ext import constant_under_compile
+
 BACKENDS = ("auto", "ref", "triton", "ext")
 
 # Order in which "auto" tries the backends, by device type. The Triton interpreter is a testing
@@ -28,7 +31,7 @@ class BackendError(NotImplementedError):
     """A forced backend cannot serve the given input; the message lists why."""
 
 
-@torch.compiler.assume_constant_result  # probed once; torch.compile must not trace the import
+@constant_under_compile  # probed once; torch.compile must not trace the import
 @functools.cache
 def _triton_import_error() -> str | None:
     if importlib.util.find_spec("triton") is None:
@@ -59,8 +62,6 @@ def triton_device_reasons(device: torch.device) -> list[str]:
 
 def ext_device_reasons(device: torch.device) -> list[str]:
     """Why the compiled extension cannot run on ``device`` (empty when it can)."""
-    from effnn import _ext
-
     reasons = []
     missing = _ext.unavailable_reason()
     if missing:

@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-import effnn
 from effnn import MonarchLinear
 from tests.naive import monarch_naive
 
@@ -133,7 +132,7 @@ def test_torch_compile_fullgraph_matches_eager():
     g = torch.randn_like(y_e)
     grads_c = torch.autograd.grad(y_c, (x, *layer.parameters()), g)
     grads_e = torch.autograd.grad(y_e, (x, *layer.parameters()), g)
-    for a, b in zip(grads_c, grads_e):
+    for a, b in zip(grads_c, grads_e, strict=True):
         torch.testing.assert_close(a, b)
 
 

@@ -58,7 +58,7 @@ def test_matches_naive_fp64(in_features, out_features, nblocks, bias):
     torch.testing.assert_close(y, y_naive, rtol=1e-12, atol=1e-12)
     inputs = [t for t in (x, w1, w2, b) if t is not None]
     g = torch.randn_like(y)
-    for a, e in zip(torch.autograd.grad(y, inputs, g), torch.autograd.grad(y_naive, inputs, g)):
+    for a, e in zip(torch.autograd.grad(y, inputs, g), torch.autograd.grad(y_naive, inputs, g), strict=True):
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
 
 
@@ -97,7 +97,7 @@ def test_property_any_shape(in_features, out_features, nblocks, tokens):
     g = torch.randn_like(y)
     got = torch.autograd.grad(y, (x, w1, w2), g)
     want = torch.autograd.grad(monarch_naive(x, w1, w2, None, out_features), (x, w1, w2), g)
-    for a, e in zip(got, want):
+    for a, e in zip(got, want, strict=True):
         torch.testing.assert_close(a, e)
 
 
