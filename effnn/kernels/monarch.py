@@ -259,7 +259,7 @@ def _bd_wgrad_kernel(
         if INTERP_BF16:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc = tl.dot(tl.trans(a), b, input_precision=DOT_PREC)
+        acc = tl.dot(tl.trans(a), b, acc, input_precision=DOT_PREC)
 
     out_ptrs = (out_ptr + split.to(tl.int64) * o_ss + blk.to(tl.int64) * o_sb
                 + offs_n[:, None] * o_sn + offs_c[None, :] * o_sc)
@@ -271,17 +271,37 @@ def _bd_wgrad_kernel(
 # launch helpers
 # --------------------------------------------------------------------------------------------
 
+def _launch(kernel, grid, out, *args, **kwargs):
+    """Launch ``kernel[grid](*args, **kwargs)``; ``out`` is the tensor the kernel writes.
+
+    Eager calls (plain tensors) launch directly. When these functions are traced inside a
+    ``torch.library.triton_op`` (FakeTensor / FunctionalTensor arguments under torch.compile or
+    export), the launch goes through ``torch.library.wrap_triton`` so it is captured in the graph.
+    (wrap_triton is not used eagerly: its higher-order-op path costs dispatch time per launch.)
+    """
+    if type(out) is torch.Tensor:
+        kernel[grid](*args, **kwargs)
+    else:
+        torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+
+
 def _device_ctx(t: torch.Tensor):
     # Triton launches on the current CUDA device: make it the tensors' device.
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _dot_flags(dtype: torch.dtype, device: torch.device) -> tuple[str, bool]:
-    """(input_precision for tl.dot, INTERP_BF16 flag)."""
-    prec = "ieee"
-    if (dtype == torch.float32 and device.type == "cuda" and torch.version.hip is None
-            and torch.backends.cuda.matmul.allow_tf32):
-        prec = "tf32"  # follow torch's own fp32 matmul setting (off by default)
+    """(input_precision for tl.dot, INTERP_BF16 flag).
+
+    input_precision only matters for fp32 operands: IEEE fp32 unless torch's own fp32 matmul
+    setting allows TF32 (off by default). fp16/bf16 operands get NVIDIA's default ("tf32",
+    ignored for them) and "ieee" elsewhere (AMD's default; the interpreter ignores it).
+    """
+    nvidia = device.type == "cuda" and torch.version.hip is None and not _INTERPRET
+    if dtype == torch.float32:
+        prec = "tf32" if nvidia and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    else:
+        prec = "tf32" if nvidia else "ieee"
     return prec, (_INTERPRET and dtype == torch.bfloat16)
 
 
@@ -302,7 +322,8 @@ def _mm(inp, in_strides, in_bs, in_es, in_limit, w, w_strides, out, out_strides,
     def grid(meta):
         return (triton.cdiv(T, meta["BLOCK_T"]) * nb * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    _bd_mm_kernel[grid](
+    _launch(
+        _bd_mm_kernel, grid, out,
         inp, w, bias if bias is not None else out, out,
         T, nb, n, c,
         in_strides[0], in_strides[1], in_bs, in_es, in_limit,
@@ -341,7 +362,8 @@ def _wgrad(a, a_strides, a_bs, a_es, a_limit, b, b_strides, b_bs, b_es, b_limit,
     def grid(meta):
         return (n_split * nb * triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(c, meta["BLOCK_C"]),)
 
-    _bd_wgrad_kernel[grid](
+    _launch(
+        _bd_wgrad_kernel, grid, out,
         a, b, out,
         T, chunk, nb, n, c,
         a_strides[0], a_strides[1], a_bs, a_es, a_limit,
@@ -360,7 +382,7 @@ def _check(x, w1, w2, out_features):
             f"monarch triton kernel: expected x 2-D, w1 and w2 3-D, got x {tuple(x.shape)}, "
             f"w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)}")
     k, q, p = w1.shape
-    l, s, r = w2.shape
+    l, s, r = w2.shape  # noqa: E741 (the specification's names)
     if k * q != l * r:
         raise ValueError(f"monarch triton kernel: w1 (k, q, p)={tuple(w1.shape)} and w2 (l, s, r)="
                          f"{tuple(w2.shape)} need k*q == l*r, got {k * q} != {l * r}")
@@ -394,7 +416,7 @@ def forward(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: torch.Ten
     _check(x, w1, w2, out_features)
     T = x.shape[0]
     k, q, p = w1.shape
-    l, s, r = w2.shape
+    l, s, r = w2.shape  # noqa: E741 (the specification's names)
     kq = k * q
     y = torch.empty((T, out_features), dtype=x.dtype, device=x.device)
     if T == 0 or out_features == 0:
@@ -431,7 +453,7 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torc
                          f" got {tuple(grad_out.shape)}")
     T, n_in = x.shape
     k, q, p = w1.shape
-    l, s, r = w2.shape
+    l, s, r = w2.shape  # noqa: E741 (the specification's names)
     kq = k * q
     if grad_out.dtype != x.dtype:
         grad_out = grad_out.to(x.dtype)
@@ -502,7 +524,7 @@ def unsupported_reasons(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> 
         return reasons
     T, n_in = x.shape
     k, q, p = w1.shape
-    l, s, r = w2.shape
+    l, s, r = w2.shape  # noqa: E741 (the specification's names)
     if T > _MAX_T:
         reasons.append(f"T={T} tokens exceeds the int32 token index limit {_MAX_T}")
     for name, v in (("in_features", n_in), ("k*p", k * p), ("k*q", k * q), ("l*r", l * r),
@@ -510,7 +532,7 @@ def unsupported_reasons(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> 
         if v > _INT32_MAX:
             reasons.append(f"{name}={v} exceeds int32 indexing")
     for name, t in (("w1", w1), ("w2", w2)):
-        span = sum((d - 1) * abs(st) for d, st in zip(t.shape, t.stride()) if d > 0)
+        span = sum((d - 1) * abs(st) for d, st in zip(t.shape, t.stride(), strict=True) if d > 0)
         if span > _INT32_MAX:
             reasons.append(f"{name} spans {span} elements, exceeding int32 indexing")
     # 1-D launch grid, counted at the smallest tile size (an upper bound on the programs).

@@ -14,9 +14,9 @@ GMACs for one sequence of 1024 tokens, LM head excluded, attention scores counte
 preset      linears swapped for ``MonarchLinear(nblocks=4)``  small           medium
 =========== ================================================= =============== ===============
 None        none (dense)                                      124.44M / 106.3 354.82M / 360.8
-"qkv_mlp"   attn.c_attn, mlp.c_fc, mlp.c_proj (default)       71.36M / 51.95  166.08M / 167.5
-"all"       the four block linears                            67.82M / 48.33  153.50M / 154.6
-"mlp"       mlp.c_fc, mlp.c_proj (the official fly configs)   85.51M / 66.44  230.28M / 233.3
+"qkv_mlp"   attn.c_attn, mlp.c_fc, mlp.c_proj (default)       71.36M / 51.94  166.08M / 167.5
+"all"       the four block linears                            67.82M / 48.32  153.50M / 154.6
+"mlp"       mlp.c_fc, mlp.c_proj (the official fly configs)   85.51M / 66.44  216.41M / 219.0
 =========== ================================================= =============== ===============
 """
 
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from effnn.models._monarch import apply_monarch
+from effnn.models._monarch import build_model, reset_other_modules
 
 __all__ = [
     "GPT2LMHeadModel",
@@ -91,8 +91,15 @@ class GPT2Model(nn.Module):
     """The transformer body: token ids (B, T) -> final hidden states (B, T, n_embd)."""
 
     def __init__(
-        self, vocab_size: int, n_positions: int, n_embd: int, n_layer: int, n_head: int,
-        n_inner: int, eps: float, **factory,
+        self,
+        vocab_size: int,
+        n_positions: int,
+        n_embd: int,
+        n_layer: int,
+        n_head: int,
+        n_inner: int,
+        eps: float,
+        **factory,
     ) -> None:
         super().__init__()
         self.n_positions = n_positions
@@ -105,10 +112,14 @@ class GPT2Model(nn.Module):
 
     def forward(self, input_ids: Tensor) -> Tensor:
         if input_ids.dim() != 2:
-            raise ValueError(f"GPT2Model: input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+            raise ValueError(
+                f"GPT2Model: input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}"
+            )
         t = input_ids.shape[1]
         if t > self.n_positions:
-            raise ValueError(f"GPT2Model: sequence length {t} exceeds n_positions={self.n_positions}")
+            raise ValueError(
+                f"GPT2Model: sequence length {t} exceeds n_positions={self.n_positions}"
+            )
         pos = torch.arange(t, device=input_ids.device)
         x = self.wte(input_ids) + self.wpe(pos)
         for block in self.h:
@@ -141,17 +152,29 @@ class GPT2LMHeadModel(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.n_layer = n_layer
         self.transformer = GPT2Model(
-            vocab_size, n_positions, n_embd, n_layer, n_head, n_inner or 4 * n_embd,
-            layer_norm_epsilon, **factory,
+            vocab_size,
+            n_positions,
+            n_embd,
+            n_layer,
+            n_head,
+            n_inner or 4 * n_embd,
+            layer_norm_epsilon,
+            **factory,
         )
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False, **factory)
-        self.lm_head.weight = self.transformer.wte.weight  # tied, as GPT-2
         self.reset_parameters()
+
+    def tie_weights(self) -> None:
+        """Share the LM head's weight with the token embedding (as GPT-2). ``reset_parameters``
+        calls it; call it yourself after ``to_empty``, which unties shared parameters."""
+        self.lm_head.weight = self.transformer.wte.weight
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """GPT-2's init: N(0, 0.02) for linears and embeddings, zero biases, and the residual
-        projections (``c_proj``) scaled by 1/sqrt(2 * n_layer)."""
+        projections (``c_proj``) scaled by 1/sqrt(2 * n_layer); other layers (e.g. the
+        ``MonarchLinear`` put in by ``swap_linear``) use their own ``reset_parameters``."""
+        self.tie_weights()
         for name, m in self.named_modules():
             if isinstance(m, (nn.Linear, nn.Embedding)) and m is not self.lm_head:
                 std = 0.02 / math.sqrt(2 * self.n_layer) if name.endswith("c_proj") else 0.02
@@ -160,6 +183,7 @@ class GPT2LMHeadModel(nn.Module):
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):
                 m.reset_parameters()
+        reset_other_modules(self, (nn.Linear, nn.Embedding, nn.LayerNorm))
 
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
@@ -168,7 +192,12 @@ class GPT2LMHeadModel(nn.Module):
         return self.lm_head(self.transformer(input_ids))
 
 
-_CONV1D_WEIGHTS = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
+_CONV1D_WEIGHTS = (
+    ".attn.c_attn.weight",
+    ".attn.c_proj.weight",
+    ".mlp.c_fc.weight",
+    ".mlp.c_proj.weight",
+)
 
 
 def convert_hf_gpt2_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -193,12 +222,27 @@ def convert_hf_gpt2_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Te
 
 
 def _gpt2(
-    factory: str, size: Mapping[str, int], monarch, nblocks, init, device, dtype, kwargs,
+    factory: str,
+    size: Mapping[str, int],
+    monarch,
+    nblocks,
+    init,
+    device,
+    dtype,
+    kwargs,
 ) -> GPT2LMHeadModel:
     args = dict(size)
     args.update(kwargs)
-    model = GPT2LMHeadModel(device=device, dtype=dtype, **args)
-    return apply_monarch(model, monarch, GPT2_MONARCH_PRESETS, "qkv_mlp", nblocks, init, factory)
+    return build_model(
+        lambda dev: GPT2LMHeadModel(device=dev, dtype=dtype, **args),
+        monarch,
+        GPT2_MONARCH_PRESETS,
+        "qkv_mlp",
+        nblocks,
+        init,
+        device,
+        factory,
+    )
 
 
 def gpt2_small(
@@ -225,7 +269,7 @@ def gpt2_small(
 
         >>> model = gpt2_small(monarch=True, device="meta")
         >>> sum(p.numel() for p in model.parameters())  # tied LM head counted once
-        71362048
+        71355648
     """
     size = dict(n_embd=768, n_layer=12, n_head=12)
     return _gpt2("gpt2_small", size, monarch, nblocks, init, device, dtype, kwargs)

@@ -12,10 +12,12 @@ Monarch configurations (see docs/models.md for how they compare with the paper's
 preset      linears swapped for ``MonarchLinear(nblocks=4)``  ViT-B/16 params / GMACs
 =========== ================================================= ===========================
 None        none (dense)                                      86.57M / 17.56
-"qkv_mlp"   attn.qkv, mlp.fc1, mlp.fc2 (default of True)      33.48M / 7.12
-"all"       attn.qkv, attn.proj, mlp.fc1, mlp.fc2             29.94M / 6.42
-"mlp"       mlp.fc1, mlp.fc2 (the official fly configs)       47.64M / 10.99
+"qkv_mlp"   attn.qkv, mlp.fc1, mlp.fc2 (default of True)      33.48M / 7.11
+"all"       attn.qkv, attn.proj, mlp.fc1, mlp.fc2             29.94M / 6.41
+"mlp"       mlp.fc1, mlp.fc2 (the official fly configs)       47.64M / 9.89
 =========== ================================================= ===========================
+
+GMACs: one 224x224 image, as ``FlopCounterMode`` / 2 (fvcore adds 0.02 G for the LayerNorms).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from effnn.models._monarch import apply_monarch
+from effnn.models._monarch import build_model, reset_other_modules
 
 __all__ = ["VisionTransformer", "VIT_MONARCH_PRESETS", "vit_base_patch16_224"]
 
@@ -41,10 +43,14 @@ VIT_MONARCH_PRESETS: dict[str, tuple[str, ...]] = {
 class PatchEmbed(nn.Module):
     """Image (B, C, H, W) -> patch tokens (B, H/p * W/p, dim) with one strided convolution."""
 
-    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int, **factory) -> None:
+    def __init__(
+        self, img_size: int, patch_size: int, in_chans: int, embed_dim: int, **factory
+    ) -> None:
         super().__init__()
         if img_size % patch_size:
-            raise ValueError(f"PatchEmbed: img_size={img_size} is not divisible by patch_size={patch_size}")
+            raise ValueError(
+                f"PatchEmbed: img_size={img_size} is not divisible by patch_size={patch_size}"
+            )
         self.img_size = img_size
         self.patch_size = patch_size
         self.num_patches = (img_size // patch_size) ** 2
@@ -69,7 +75,9 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, n, c = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        qkv = (
+            self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        )
         x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
         return self.proj(x.transpose(1, 2).reshape(b, n, c))
 
@@ -86,7 +94,9 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, **factory) -> None:
+    def __init__(
+        self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, **factory
+    ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6, **factory)
         self.attn = Attention(dim, num_heads, qkv_bias, **factory)
@@ -127,7 +137,9 @@ class VisionTransformer(nn.Module):
         self.embed_dim = embed_dim
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, **factory)
         self.cls_token = nn.Parameter(torch.empty(1, 1, embed_dim, **factory))
-        self.pos_embed = nn.Parameter(torch.empty(1, self.patch_embed.num_patches + 1, embed_dim, **factory))
+        self.pos_embed = nn.Parameter(
+            torch.empty(1, self.patch_embed.num_patches + 1, embed_dim, **factory)
+        )
         self.blocks = nn.Sequential(
             *[Block(embed_dim, num_heads, mlp_ratio, qkv_bias, **factory) for _ in range(depth)]
         )
@@ -138,7 +150,8 @@ class VisionTransformer(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """timm's default init: truncated normal(0.02) for linears and position embeddings, zero
-        biases, cls token N(0, 1e-6)."""
+        biases, cls token N(0, 1e-6); other layers (e.g. the ``MonarchLinear`` put in by
+        ``swap_linear``) use their own ``reset_parameters``."""
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
         for m in self.modules():
@@ -148,6 +161,7 @@ class VisionTransformer(nn.Module):
                     nn.init.zeros_(m.bias)
             elif isinstance(m, (nn.LayerNorm, nn.Conv2d)):
                 m.reset_parameters()
+        reset_other_modules(self, (nn.Linear, nn.LayerNorm, nn.Conv2d))
 
     def get_classifier(self) -> nn.Module:
         return self.head
@@ -190,7 +204,13 @@ def vit_base_patch16_224(
     """
     args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, qkv_bias=True)
     args.update(kwargs)
-    model = VisionTransformer(device=device, dtype=dtype, **args)
-    return apply_monarch(
-        model, monarch, VIT_MONARCH_PRESETS, "qkv_mlp", nblocks, init, "vit_base_patch16_224"
+    return build_model(
+        lambda dev: VisionTransformer(device=dev, dtype=dtype, **args),
+        monarch,
+        VIT_MONARCH_PRESETS,
+        "qkv_mlp",
+        nblocks,
+        init,
+        device,
+        "vit_base_patch16_224",
     )

@@ -308,7 +308,7 @@ def monarch_linear(
     """
     if out_features is None:
         out_features = blkdiag2.shape[0] * blkdiag2.shape[1]
-    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+    if isinstance(x, Tensor) and x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, blkdiag1, blkdiag2, bias = (
             t.to(dtype) if isinstance(t, Tensor) else t for t in (x, blkdiag1, blkdiag2, bias)

@@ -294,3 +294,9 @@ def test_forced_backend_refusals_say_why(monkeypatch):
         monarch_linear(x.double(), w1.double(), w2.double(), backend="ext")
     # auto never fails: it falls back to the reference path
     torch.testing.assert_close(monarch_linear(x, w1, w2), monarch_linear_ref(x, w1, w2, None, 20))
+
+
+def test_meta_tensors_give_shapes():
+    w1, w2 = factors(12, 20, 4, dtype=torch.float32)
+    y = monarch_linear(torch.empty(3, 12, device="meta"), w1.to("meta"), w2.to("meta"))
+    assert y.is_meta and y.shape == (3, 20)

@@ -1,0 +1,245 @@
+"""Triton Monarch kernels (effnn.kernels.monarch) against the naive fp64 loop reference.
+
+On a CPU-only machine these run under TRITON_INTERPRET=1 (set by tests/conftest.py before triton is
+imported); on a CUDA machine without the interpreter they run the compiled kernels on the GPU.
+"""
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from effnn.kernels import monarch as km  # noqa: E402  (needs triton)
+from tests.naive import monarch_naive  # noqa: E402  (the specification's loop reference)
+
+if km._INTERPRET:
+    DEVICE = "cpu"
+elif torch.cuda.is_available():
+    DEVICE = "cuda"
+else:
+    pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+
+pytestmark = pytest.mark.triton
+
+
+def _naive_all(x, w1, w2, bias, out_features, grad_out, need_input_grad=True):
+    """(y, dx, dw1, dw2) of the naive reference in the inputs' own dtype, on the CPU."""
+    x, w1, w2, grad_out = (t.detach().cpu() for t in (x, w1, w2, grad_out))
+    bias = None if bias is None else bias.detach().cpu()
+    x.requires_grad_(need_input_grad)
+    w1.requires_grad_()
+    w2.requires_grad_()
+    y = monarch_naive(x, w1, w2, bias, out_features)
+    inputs = (x, w1, w2) if need_input_grad else (w1, w2)
+    grads = torch.autograd.grad(y, inputs, grad_out)
+    if not need_input_grad:
+        grads = (None, *grads)
+    return (y.detach(), *grads)
+
+
+def _make(T, n_in, n_out, w1_shape, w2_shape, dtype=torch.float32, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, n_in, generator=g, dtype=torch.float64)
+    w1 = torch.randn(*w1_shape, generator=g, dtype=torch.float64) / math.sqrt(w1_shape[2])
+    w2 = torch.randn(*w2_shape, generator=g, dtype=torch.float64) / math.sqrt(w2_shape[2])
+    b = torch.randn(n_out, generator=g, dtype=torch.float64) if bias else None
+    go = torch.randn(T, n_out, generator=g, dtype=torch.float64)
+    return x, w1, w2, b, go
+
+
+def _dev(t, dtype):
+    return None if t is None else t.to(device=DEVICE, dtype=dtype)
+
+
+def _run_kernel(x, w1, w2, b, go, n_out, dtype, need_input_grad=True):
+    x, w1, w2, b, go = (_dev(t, dtype) for t in (x, w1, w2, b, go))
+    y = km.forward(x, w1, w2, b, n_out)
+    dx, dw1, dw2 = km.backward(go, x, w1, w2, need_input_grad)
+    return y, dx, dw1, dw2
+
+
+def _assert_close(actual, ref, tol, what):
+    actual = actual.detach().cpu().double()
+    assert actual.shape == ref.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(ref.shape)}"
+    if ref.numel() == 0:
+        return
+    err = (actual - ref).abs().max().item()
+    scale = max(1.0, ref.abs().max().item())
+    assert err <= tol * scale, f"{what}: max abs error {err:.3g} > {tol:.1g} * {scale:.3g}"
+
+
+# name: (T, in_features, out_features, w1 (k, q, p), w2 (l, s, r), bias)
+# MonarchLinear layouts (k == l == nb) plus general shapes (k != l, r != q).
+SHAPES = {
+    "square": (20, 32, 32, (2, 16, 16), (2, 16, 16), True),
+    "expanding": (20, 24, 40, (2, 12, 12), (2, 20, 12), False),
+    "contracting": (20, 40, 24, (2, 12, 20), (2, 12, 12), True),
+    "nondivisible_in100_out70_nb3": (18, 100, 70, (3, 24, 34), (3, 24, 24), True),
+    "tiny_blocks_nb_eq_in": (20, 6, 6, (6, 1, 1), (6, 1, 1), True),
+    "tiny_general_p1_q3": (17, 6, 17, (6, 3, 1), (9, 2, 2), False),
+    "nb1_dense": (20, 20, 12, (1, 12, 20), (1, 12, 12), True),
+    "general_k4_l3": (21, 30, 28, (4, 6, 8), (3, 10, 8), True),
+    "padded_blocks_truncated_out": (20, 10, 13, (4, 6, 8), (3, 10, 8), True),
+    "long_blocks": (33, 80, 72, (2, 40, 40), (2, 36, 40), True),
+}
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_fp32_forward_backward(name):
+    T, n_in, n_out, s1, s2, bias = SHAPES[name]
+    x, w1, w2, b, go = _make(T, n_in, n_out, s1, s2, bias=bias)
+    ref = _naive_all(x, w1, w2, b, n_out, go)
+    got = _run_kernel(x, w1, w2, b, go, n_out, torch.float32)
+    y, dx, dw1, dw2 = got
+    assert y.dtype == torch.float32 and y.is_contiguous() and y.shape == (T, n_out)
+    assert dw1.dtype == dw2.dtype == torch.float32
+    for what, a, r in zip(("y", "dx", "dw1", "dw2"), got, ref, strict=True):
+        _assert_close(a, r, 2e-5, f"{name} {what}")
+
+
+@pytest.mark.parametrize("T", [0, 1, 37])
+def test_token_counts(T):
+    x, w1, w2, b, go = _make(T, 30, 28, (4, 6, 8), (3, 10, 8))
+    ref = _naive_all(x, w1, w2, b, 28, go)
+    got = _run_kernel(x, w1, w2, b, go, 28, torch.float32)
+    for what, a, r in zip(("y", "dx", "dw1", "dw2"), got, ref, strict=True):
+        _assert_close(a, r, 2e-5, f"T={T} {what}")
+
+
+def _strided(t, kind):
+    """The same values as t (2-D) in a non-contiguous layout."""
+    if kind == "transposed":
+        return t.t().contiguous().t()
+    if kind == "column_slice":
+        wide = torch.zeros(t.shape[0], t.shape[1] + 7, dtype=t.dtype, device=t.device)
+        wide[:, 3 : 3 + t.shape[1]] = t
+        return wide[:, 3 : 3 + t.shape[1]]
+    if kind == "row_step":
+        tall = torch.zeros(2 * t.shape[0], t.shape[1], dtype=t.dtype, device=t.device)
+        tall[::2] = t
+        return tall[::2]
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["transposed", "column_slice", "row_step"])
+def test_noncontiguous_inputs(kind):
+    T, n_in, n_out, s1, s2, _ = SHAPES["nondivisible_in100_out70_nb3"]
+    x, w1, w2, b, go = _make(19, n_in, n_out, s1, s2)
+    ref = _naive_all(x, w1, w2, b, n_out, go)
+    xd, w1d, w2d, bd, god = (_dev(t, torch.float32) for t in (x, w1, w2, b, go))
+    xs, gos = _strided(xd, kind), _strided(god, kind)
+    assert not xs.is_contiguous() and not gos.is_contiguous()
+    # weights as non-contiguous views too (last two dims stored transposed)
+    w1s = w1d.transpose(1, 2).contiguous().transpose(1, 2)
+    w2s = w2d.transpose(1, 2).contiguous().transpose(1, 2)
+    y = km.forward(xs, w1s, w2s, bd, n_out)
+    dx, dw1, dw2 = km.backward(gos, xs, w1s, w2s, True)
+    assert y.is_contiguous()
+    for what, a, r in zip(("y", "dx", "dw1", "dw2"), (y, dx, dw1, dw2), ref, strict=True):
+        _assert_close(a, r, 2e-5, f"{kind} {what}")
+
+
+def test_broadcast_rows_stride0():
+    x, w1, w2, b, go = _make(1, 24, 40, (2, 12, 12), (2, 20, 12))
+    xe = x.expand(18, 24)  # stride (0, 1)
+    go = torch.randn(18, 40, dtype=torch.float64)
+    ref = _naive_all(xe.contiguous(), w1, w2, b, 40, go)
+    got = _run_kernel(xe, w1, w2, b, go, 40, torch.float32)
+    for what, a, r in zip(("y", "dx", "dw1", "dw2"), got, ref, strict=True):
+        _assert_close(a, r, 2e-5, f"expanded {what}")
+
+
+def test_grad_out_stride0():
+    """autograd hands e.g. y.sum()'s gradient over as an expanded tensor with strides (0, 0)."""
+    T, n_in, n_out, s1, s2, _ = SHAPES["general_k4_l3"]
+    x, w1, w2, b, _ = _make(T, n_in, n_out, s1, s2)
+    go = torch.ones(1, 1, dtype=torch.float64).expand(T, n_out)
+    ref = _naive_all(x, w1, w2, b, n_out, go.contiguous())
+    xd, w1d, w2d = (_dev(t, torch.float32) for t in (x, w1, w2))
+    god = torch.ones(1, 1, device=DEVICE).expand(T, n_out)
+    assert god.stride() == (0, 0)
+    dx, dw1, dw2 = km.backward(god, xd, w1d, w2d, True)
+    for what, a, r in zip(("dx", "dw1", "dw2"), (dx, dw1, dw2), ref[1:], strict=True):
+        _assert_close(a, r, 2e-5, f"stride-0 grad_out {what}")
+
+
+def test_no_input_grad():
+    T, n_in, n_out, s1, s2, _ = SHAPES["general_k4_l3"]
+    x, w1, w2, b, go = _make(T, n_in, n_out, s1, s2)
+    _, _, rdw1, rdw2 = _naive_all(x, w1, w2, b, n_out, go, need_input_grad=False)
+    xd, w1d, w2d, god = (_dev(t, torch.float32) for t in (x, w1, w2, go))
+    dx, dw1, dw2 = km.backward(god, xd, w1d, w2d, False)
+    assert dx.shape == (0,)
+    _assert_close(dw1, rdw1, 2e-5, "dw1")
+    _assert_close(dw2, rdw2, 2e-5, "dw2")
+
+
+def test_weight_grad_token_split(monkeypatch):
+    """Force the split-over-tokens path of the weight-gradient kernel (fp32 workspace + sum)."""
+    monkeypatch.setattr(km, "_num_sms", lambda device: 64)
+    monkeypatch.setattr(km, "_WGRAD_MIN_CHUNK", 16)
+    assert km._wgrad_chunk(50, 2, torch.device(DEVICE)) == 16
+    x, w1, w2, b, go = _make(50, 24, 40, (2, 12, 12), (2, 20, 12))
+    ref = _naive_all(x, w1, w2, b, 40, go)
+    for dtype, tol in ((torch.float32, 2e-5), (torch.bfloat16, 3e-2)):
+        _, dx, dw1, dw2 = _run_kernel(x, w1, w2, b, go, 40, dtype)
+        assert dw1.dtype == dw2.dtype == dtype
+        for what, a, r in zip(("dx", "dw1", "dw2"), (dx, dw1, dw2), ref[1:], strict=True):
+            _assert_close(a, r, tol, f"split {dtype} {what}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "name", ["nondivisible_in100_out70_nb3", "general_k4_l3", "tiny_general_p1_q3"]
+)
+def test_low_precision(dtype, name):
+    """Error vs fp64 <= 2x the naive reference's own error in `dtype` + a one-ulp slack."""
+    T, n_in, n_out, s1, s2, bias = SHAPES[name]
+    x, w1, w2, b, go = _make(T, n_in, n_out, s1, s2, bias=bias, seed=1)
+    ref64 = _naive_all(x, w1, w2, b, n_out, go)
+    low = [None if t is None else t.to(dtype) for t in (x, w1, w2, b, go)]
+    ref_low = _naive_all(*low[:4], n_out, low[4])
+    got = _run_kernel(*low[:4], low[4], n_out, dtype)
+    assert got[0].dtype == dtype and got[2].dtype == dtype and got[3].dtype == dtype
+    eps = torch.finfo(dtype).eps
+    for what, a, rl, r64 in zip(("y", "dx", "dw1", "dw2"), got, ref_low, ref64, strict=True):
+        err_k = (a.cpu().double() - r64).abs().max().item()
+        err_ref = (rl.double() - r64).abs().max().item()
+        slack = eps * r64.abs().max().item()
+        assert err_k <= 2 * err_ref + slack, (
+            f"{name} {dtype} {what}: kernel error {err_k:.3g} > 2 * naive {dtype} error "
+            f"{err_ref:.3g} + {slack:.3g}"
+        )
+
+
+def test_unsupported_reasons():
+    x = torch.randn(4, 8)
+    w1 = torch.randn(2, 4, 4)
+    w2 = torch.randn(2, 4, 4)
+    assert km.unsupported_reasons(x, w1, w2) == []
+    assert km.unsupported_reasons(x.half(), w1.half(), w2.half()) == []
+    assert km.unsupported_reasons(x.bfloat16(), w1.bfloat16(), w2.bfloat16()) == []
+    r = km.unsupported_reasons(x.double(), w1.double(), w2.double())
+    assert r and all("float64" in m for m in r)
+    r = km.unsupported_reasons(x, w1.half(), w2)
+    assert any("mixed dtypes" in m for m in r)
+    r = km.unsupported_reasons(x[None], w1, w2)
+    assert any("x must be 2-D" in m for m in r)
+    # int32 limits, checked on meta tensors (nothing allocated)
+    big = torch.empty(2**31, 8, device="meta")
+    assert any("T=" in m for m in km.unsupported_reasons(big, w1.to("meta"), w2.to("meta")))
+
+
+def test_shape_errors():
+    x = torch.randn(4, 8, device=DEVICE)
+    w1 = torch.randn(2, 4, 4, device=DEVICE)
+    with pytest.raises(ValueError, match="k\\*q == l\\*r"):
+        km.forward(x, w1, torch.randn(3, 4, 4, device=DEVICE), None, 8)
+    with pytest.raises(ValueError, match="out_features=20"):
+        km.forward(x, w1, torch.randn(2, 4, 4, device=DEVICE), None, 20)
+    with pytest.raises(ValueError, match="exceeds k\\*p"):
+        km.forward(
+            torch.randn(4, 9, device=DEVICE), w1, torch.randn(2, 4, 4, device=DEVICE), None, 8
+        )
