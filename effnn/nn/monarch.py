@@ -177,5 +177,8 @@ class MonarchLinear(nn.Module):
         return linear
 
     def dense_weight(self) -> Tensor:
-        """The (out_features, in_features) matrix this layer applies (without bias)."""
-        return monarch_to_dense(self.blkdiag1, self.blkdiag2, self.in_features, self.out_features)
+        """The (out_features, in_features) matrix this layer applies (without bias).
+
+        Sharded (FSDP2/DTensor) factors are gathered first."""
+        w1, w2 = (w.full_tensor() if hasattr(w, "full_tensor") else w for w in (self.blkdiag1, self.blkdiag2))
+        return monarch_to_dense(w1, w2, self.in_features, self.out_features)

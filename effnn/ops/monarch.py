@@ -328,7 +328,8 @@ def monarch_linear(
     y = torch.ops.effnn.monarch_linear(
         x.reshape(-1, x.shape[-1]), blkdiag1, blkdiag2, bias, out_features, chosen
     )
-    return y.reshape(*lead, out_features)
+    # a fresh tensor for 2-D input, as nn.Linear (FSDP2 warns about views returned by a root module)
+    return y if x.dim() == 2 else y.reshape(*lead, out_features)
 
 
 # --------------------------------------------------------------------------------------------

@@ -164,3 +164,7 @@ def test_bad_input_errors():
     with pytest.raises(TypeError, match="must be a Tensor"):
         layer([1.0] * 8)
     assert layer(torch.randn(0, 8)).shape == (0, 4)
+
+
+def test_2d_output_is_a_fresh_tensor_like_nn_linear():
+    assert not MonarchLinear(32, 7)(torch.randn(2, 32))._is_view()
