@@ -103,7 +103,9 @@ def monarch_linear_backward_ref(
     dy = _pad_features(grad_out, l * s)
     dout2 = dy.view(T, s, l).permute(2, 0, 1).contiguous()  # (l, T, s)
     grad_w2 = torch.bmm(dout2.transpose(1, 2), in2_t.transpose(1, 2))  # (l, s, r)
+    del in2_t  # activations die as soon as possible: the peak memory of a training step
     dmid_t = torch.bmm(blkdiag2.transpose(1, 2), dout2.transpose(1, 2))  # (l, r, T)
+    del dout2
     dmid_t = dmid_t.transpose(0, 1).reshape(k, q, T)  # row rr*l + ll of the middle
     xp = _pad_features(x, k * p)
     grad_w1 = torch.bmm(dmid_t, xp.view(T, k, p).transpose(0, 1))  # (k, q, p)
@@ -235,9 +237,24 @@ def _triton_reasons(x: Tensor, blkdiag1: Tensor, blkdiag2: Tensor) -> list[str]:
 
 def _ext_reasons(x: Tensor, blkdiag1: Tensor, blkdiag2: Tensor) -> list[str]:
     reasons = ext_device_reasons(x.device)
-    if x.dtype != torch.float32:
-        reasons.append(f"effnn._C computes in float32 only, got {x.dtype}")
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        reasons.append(f"effnn._C supports float32 and bfloat16 only, got {x.dtype}")
     return reasons
+
+
+def choose_backend(x: Tensor, blkdiag1: Tensor, blkdiag2: Tensor, backend: str = "auto") -> str:
+    """The backend ``monarch_linear`` runs for these inputs (raises BackendError if forced and
+    unable)."""
+    return select_backend(
+        "monarch_linear",
+        backend,
+        x.device,
+        {
+            "ref": lambda: [],
+            "triton": lambda: _triton_reasons(x, blkdiag1, blkdiag2),
+            "ext": lambda: _ext_reasons(x, blkdiag1, blkdiag2),
+        },
+    )
 
 
 def _check_inputs(x, blkdiag1, blkdiag2, bias, out_features) -> None:
@@ -314,16 +331,7 @@ def monarch_linear(
             t.to(dtype) if isinstance(t, Tensor) else t for t in (x, blkdiag1, blkdiag2, bias)
         )
     _check_inputs(x, blkdiag1, blkdiag2, bias, out_features)
-    chosen = select_backend(
-        "monarch_linear",
-        backend,
-        x.device,
-        {
-            "ref": lambda: [],
-            "triton": lambda: _triton_reasons(x, blkdiag1, blkdiag2),
-            "ext": lambda: _ext_reasons(x, blkdiag1, blkdiag2),
-        },
-    )
+    chosen = choose_backend(x, blkdiag1, blkdiag2, backend)
     lead = x.shape[:-1]
     y = torch.ops.effnn.monarch_linear(
         x.reshape(-1, x.shape[-1]), blkdiag1, blkdiag2, bias, out_features, chosen

@@ -290,7 +290,7 @@ def test_forced_backend_refusals_say_why(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(effnn.BackendError, match="triton.*CUDA tensors"):
         monarch_linear(x, w1, w2, backend="triton")
-    with pytest.raises(effnn.BackendError, match="ext.*float32 only"):
+    with pytest.raises(effnn.BackendError, match="ext.*float32 and bfloat16 only"):
         monarch_linear(x.double(), w1.double(), w2.double(), backend="ext")
     # auto never fails: it falls back to the reference path
     torch.testing.assert_close(monarch_linear(x, w1, w2), monarch_linear_ref(x, w1, w2, None, 20))
@@ -300,3 +300,18 @@ def test_meta_tensors_give_shapes():
     w1, w2 = factors(12, 20, 4, dtype=torch.float32)
     y = monarch_linear(torch.empty(3, 12, device="meta"), w1.to("meta"), w2.to("meta"))
     assert y.is_meta and y.shape == (3, 20)
+
+
+def test_auto_uses_the_extension_when_built_and_the_reference_otherwise(monkeypatch):
+    from effnn import _ext
+    from effnn.ops.monarch import choose_backend
+
+    w1, w2 = factors(12, 20, 4, dtype=torch.float32)
+    x = torch.randn(5, 12)
+    assert choose_backend(x, w1, w2) == ("ext" if _ext.load() is not None else "ref")
+    assert choose_backend(x.double(), w1.double(), w2.double()) == "ref"
+    monkeypatch.setattr(_ext, "unavailable_reason", lambda: "effnn._C is not built (test)")
+    assert choose_backend(x, w1, w2) == "ref"
+    with pytest.raises(effnn.BackendError, match="not built"):
+        choose_backend(x, w1, w2, "ext")
+    torch.testing.assert_close(monarch_linear(x, w1, w2), monarch_linear_ref(x, w1, w2, None, 20))
