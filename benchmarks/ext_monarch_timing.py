@@ -9,7 +9,9 @@ per-repetition time ratios (dense / Monarch), which is robust to other load on t
     python benchmarks/ext_monarch_timing.py --jit                 # build csrc/ on the fly
 
 "fwd+bwd" is forward + backward of ``y.sum()`` with x.requires_grad (dx, dw1, dw2 for Monarch;
-dx, dW for dense); "fwd" is the forward alone under ``torch.no_grad()``.
+dx, dW for dense): the Monarch forward saves the middle activation (save_mid=True, as fly does;
+"mid MiB" is its size, the extra activation memory of a training step) and the backward reads it.
+"fwd" is the forward alone under ``torch.no_grad()`` (save_mid=False: nothing saved).
 """
 
 from __future__ import annotations
@@ -49,19 +51,24 @@ def load_ext(jit: bool):
 def make_fn(ext):
     class _Monarch(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, x, w1, w2, out_features):
-            ctx.save_for_backward(x, w1, w2)
-            return ext.monarch_forward(x, w1, w2, None, out_features)
+        def forward(ctx, x, w1, w2, out_features, save_mid):
+            y, mid_t = ext.monarch_forward(x, w1, w2, None, out_features, save_mid)
+            ctx.save_for_backward(x, mid_t, w1, w2)
+            return y
 
         @staticmethod
         def backward(ctx, g):
-            x, w1, w2 = ctx.saved_tensors
+            x, mid_t, w1, w2 = ctx.saved_tensors
             dx, dw1, dw2 = ext.monarch_backward(
-                g.contiguous(), x, w1, w2, ctx.needs_input_grad[0]
+                g.contiguous(), x, mid_t, w1, w2, ctx.needs_input_grad[0]
             )
-            return (dx if ctx.needs_input_grad[0] else None), dw1, dw2, None
+            return (dx if ctx.needs_input_grad[0] else None), dw1, dw2, None, None
 
-    return _Monarch.apply
+    def fn(x, w1, w2, out_features):
+        # training keeps the middle activation for the backward; inference (no_grad) does not
+        return _Monarch.apply(x, w1, w2, out_features, torch.is_grad_enabled())
+
+    return fn
 
 
 def monarch_weights(n: int, nb: int):
@@ -114,6 +121,7 @@ def bench_case(fn, n: int, nb: int, tokens: int, reps: int, warmup: int) -> dict
     out = {"n": n, "nb": nb}
     flop_ratio = (n * n) / (2 * nb * math.ceil(n / nb) ** 2)
     out["flop_ratio"] = flop_ratio
+    out["mid_mib"] = tokens * w1.shape[0] * w1.shape[1] * x.element_size() / 2**20
     for kind, (tm, td) in res.items():
         out[kind] = {
             "monarch_ms": 1e3 * statistics.median(tm),
@@ -142,15 +150,15 @@ def main(argv=None):
     fn = make_fn(load_ext(args.jit))
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, tokens {args.tokens}, "
           f"reps {args.reps} (median of per-rep ratios, [min, max])", flush=True)
-    hdr = (f"{'n':>5} {'nb':>4} {'FLOPx':>6} | {'fwd+bwd ms M/D':>17} {'speedup':>21} | "
-           f"{'fwd ms M/D':>15} {'speedup':>21}")
+    hdr = (f"{'n':>5} {'nb':>4} {'FLOPx':>6} {'mid MiB':>7} | {'fwd+bwd ms M/D':>17} "
+           f"{'speedup':>21} | {'fwd ms M/D':>15} {'speedup':>21}")
     print(hdr)
     print("-" * len(hdr))
     for c in cases:
         n, nb = (int(v) for v in c.split(":"))
         r = bench_case(fn, n, nb, args.tokens, args.reps, args.warmup)
         tr, fw = r["train"], r["fwd"]
-        print(f"{n:>5} {nb:>4} {r['flop_ratio']:>5.0f}x | "
+        print(f"{n:>5} {nb:>4} {r['flop_ratio']:>5.0f}x {r['mid_mib']:>7.1f} | "
               f"{tr['monarch_ms']:>7.1f} / {tr['dense_ms']:>7.1f} "
               f"{tr['speedup']:>6.2f}x [{tr['speedup_min']:.2f}, {tr['speedup_max']:.2f}] | "
               f"{fw['monarch_ms']:>6.1f} / {fw['dense_ms']:>6.1f} "

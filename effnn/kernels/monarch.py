@@ -24,12 +24,21 @@ masks ``flat < LIMIT``. So there are no transpose passes and no padded copies: t
                         give too few programs to fill the GPU (deterministic: no atomics).
 
 forward  = 2 launches (mid, then out with the bias fused);
-backward = 5 launches (mid recomputed, d_mid, dW2, dx, dW1).
+backward = 4 launches (d_mid, dW2, dx, dW1): mid is not recomputed but read from ``mid_t``.
+
+``mid_t`` (saved by the forward when ``save_mid``, as fly saves its middle activation) is mid
+*feature-major*: a contiguous (k*q, T) tensor with ``mid_t[kk*q + j, t] = mid[t, kk*q + j]``. The
+first kernel stores it directly in that layout (token stride 1, feature stride T: stores coalesced
+along tokens) and the second kernel reads its perfect shuffle as the interleaved view
+``in2[t, ll, rr] = mid_t[rr*l + ll, t]`` (block stride T, element stride l*T), again contiguous
+along tokens; dW2 reads it the same way. Without ``save_mid`` the forward's temporary mid is
+token-major (T, k*q).
 
 Accumulation is in fp32 (``tl.dot`` with an fp32 accumulator); fp32 inputs use IEEE fp32 dots
 unless ``torch.backends.cuda.matmul.allow_tf32`` is set. ``mid`` and ``d_mid`` are stored in the
-input dtype (as a bmm implementation would). Token offsets are int64, so T is not limited by
-int32 element offsets; feature dims and weight offsets must fit in int32 (see
+input dtype (as a bmm implementation would). Element offsets of activations are int64 (token
+index * token stride + flat feature index * feature stride), so neither T nor k*q*T is limited by
+int32; token and flat feature indices, and weight offsets, must fit in int32 (see
 ``unsupported_reasons``).
 
 This module imports triton at the top and is only imported lazily by ``effnn.ops.monarch``; it
@@ -135,8 +144,9 @@ def _cast_out(acc, dtype: tl.constexpr, INTERP_BF16: tl.constexpr):
 
 @triton.autotune(
     configs=_configs(_MM_SHAPES),
-    # block shapes and view pattern, never T (no re-tuning per sequence length)
-    key=["NB", "N", "C", "IN_ES", "OUT_ES"],
+    # block shapes and view pattern (token strides tell token-major from feature-major
+    # operands), never T (no re-tuning per sequence length)
+    key=["NB", "N", "C", "IN_ES", "OUT_ES", "in_st", "out_st"],
     prune_configs_by={"early_config_prune": _clamp_configs},
 )
 @triton.jit(do_not_specialize=["T"])
@@ -207,7 +217,7 @@ def _bd_mm_kernel(
 
 @triton.autotune(
     configs=_configs(_WGRAD_SHAPES),
-    key=["NB", "N", "C", "A_ES", "B_ES"],
+    key=["NB", "N", "C", "A_ES", "B_ES", "a_st", "b_st"],
     prune_configs_by={"early_config_prune": _clamp_configs},
 )
 @triton.jit(do_not_specialize=["T", "T_CHUNK"])
@@ -312,9 +322,11 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _mm(inp, in_strides, in_bs, in_es, in_limit, w, w_strides, out, out_strides, out_bs, out_es,
-        out_limit, nb, n, c, bias=None):
-    """Launch the strided block-diagonal matmul (see ``_bd_mm_kernel``)."""
-    T = inp.shape[0]
+        out_limit, nb, n, c, T, bias=None):
+    """Launch the strided block-diagonal matmul (see ``_bd_mm_kernel``) over T tokens.
+
+    T is explicit: an operand may be feature-major (mid_t is (k*q, T)), so no shape tells it.
+    """
     if T == 0 or nb == 0 or n == 0:
         return
     prec, interp_bf16 = _dot_flags(inp.dtype, inp.device)
@@ -344,9 +356,9 @@ def _wgrad_chunk(T: int, base_programs: int, device: torch.device) -> int:
 
 
 def _wgrad(a, a_strides, a_bs, a_es, a_limit, b, b_strides, b_bs, b_es, b_limit, nb, n, c,
-           out_dtype):
-    """dW[b, n, c] = sum_t A[t, b, n] * B[t, b, c], returned contiguous (nb, n, c) in out_dtype."""
-    T = a.shape[0]
+           T, out_dtype):
+    """dW[b, n, c] = sum_t A[t, b, n] * B[t, b, c] over T tokens, returned contiguous (nb, n, c)
+    in out_dtype."""
     dev = a.device
     if T == 0 or nb * n * c == 0:
         return torch.zeros((nb, n, c), dtype=out_dtype, device=dev)
@@ -394,13 +406,14 @@ def _check(x, w1, w2, out_features):
                          f"[0, l*s={l * s}] for w2 {tuple(w2.shape)}")
 
 
-def _first_factor(x, w1, mid):
-    """mid[t, kk*q + j] = sum_pp w1[kk, j, pp] * x_pad[t, kk*p + pp]."""
+def _first_factor(x, w1, mid, mid_strides):
+    """mid[t, kk*q + j] = sum_pp w1[kk, j, pp] * x_pad[t, kk*p + pp], stored at
+    ``t * mid_strides[0] + (kk*q + j) * mid_strides[1]`` (token-major or feature-major)."""
     k, q, p = w1.shape
     _mm(x, x.stride(), p, 1, x.shape[1],
         w1, w1.stride(),
-        mid, mid.stride(), q, 1, k * q,
-        nb=k, n=q, c=p)
+        mid, mid_strides, q, 1, k * q,
+        nb=k, n=q, c=p, T=x.shape[0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -408,43 +421,58 @@ def _first_factor(x, w1, mid):
 # --------------------------------------------------------------------------------------------
 
 def forward(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: torch.Tensor | None,
-            out_features: int) -> torch.Tensor:
-    """y = monarch(x, w1, w2)[:, :out_features] (+ bias); x (T, in) of any strides.
+            out_features: int, save_mid: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, mid_t): y = monarch(x, w1, w2)[:, :out_features] (+ bias); x (T, in) of any strides.
 
-    Returns a contiguous (T, out_features) tensor in x.dtype.
+    y is a contiguous (T, out_features) tensor in x.dtype. If ``save_mid``, mid_t is a new
+    contiguous (k*q, T) tensor in x.dtype holding the middle activation feature-major,
+    ``mid_t[kk*q + j, t] = mid[t, kk*q + j]`` (computed in full even when out_features == 0, so
+    the backward can always read it); otherwise mid_t is an empty (0,) tensor.
     """
     _check(x, w1, w2, out_features)
     T = x.shape[0]
     k, q, p = w1.shape
     l, s, r = w2.shape  # noqa: E741 (the specification's names)
     kq = k * q
-    y = torch.empty((T, out_features), dtype=x.dtype, device=x.device)
-    if T == 0 or out_features == 0:
-        return y
     if bias is not None:
         if bias.shape != (out_features,):
             raise ValueError(f"monarch triton kernel: bias must have shape ({out_features},), "
                              f"got {tuple(bias.shape)}")
         bias = bias.contiguous()
+    y = torch.empty((T, out_features), dtype=x.dtype, device=x.device)
+    if save_mid:
+        mid_t = torch.empty((kq, T), dtype=x.dtype, device=x.device)
+    else:
+        mid_t = torch.empty((0,), dtype=x.dtype, device=x.device)
+    if T == 0 or (out_features == 0 and not save_mid):
+        return y, mid_t
     with _device_ctx(x):
-        mid = torch.empty((T, kq), dtype=x.dtype, device=x.device)
-        _first_factor(x, w1, mid)
-        # out[t, ss*l + ll] = sum_rr w2[ll, ss, rr] * mid[t, rr*l + ll]; rows ss with
-        # ss*l >= out_features are truncated away, so only s_eff of them are computed.
-        s_eff = min(s, triton.cdiv(out_features, l))
-        _mm(mid, mid.stride(), 1, l, kq,
-            w2, w2.stride(),
-            y, y.stride(), 1, l, out_features,
-            nb=l, n=s_eff, c=r, bias=bias)
-    return y
+        if save_mid:
+            mid, mid_strides = mid_t, (mid_t.stride(1), mid_t.stride(0))  # (token, feature)
+        else:  # temporary, token-major
+            mid = torch.empty((T, kq), dtype=x.dtype, device=x.device)
+            mid_strides = mid.stride()
+        _first_factor(x, w1, mid, mid_strides)
+        if out_features > 0:
+            # out[t, ss*l + ll] = sum_rr w2[ll, ss, rr] * mid[t, rr*l + ll]; rows ss with
+            # ss*l >= out_features are truncated away, so only s_eff of them are computed.
+            s_eff = min(s, triton.cdiv(out_features, l))
+            _mm(mid, mid_strides, 1, l, kq,
+                w2, w2.stride(),
+                y, y.stride(), 1, l, out_features,
+                nb=l, n=s_eff, c=r, T=T, bias=bias)
+    return y, mid_t
 
 
-def backward(grad_out: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-             need_input_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def backward(grad_out: torch.Tensor, x: torch.Tensor, mid_t: torch.Tensor, w1: torch.Tensor,
+             w2: torch.Tensor, need_input_grad: bool
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dw1, dw2) of y = monarch(x, w1, w2)[:, :out_features] for grad_out (T, out_features).
 
-    dx is (T, in_features) in x.dtype, or an empty (0,) tensor when need_input_grad is False;
-    dw1 / dw2 are contiguous, shaped like w1 / w2, in the weights' dtype. mid is recomputed.
+    mid_t is the forward's saved middle activation, shape (k*q, T) feature-major (any strides;
+    cast to x.dtype if it differs); mid is not recomputed. dx is (T, in_features) in x.dtype, or
+    an empty (0,) tensor when need_input_grad is False; dw1 / dw2 are contiguous, shaped like
+    w1 / w2, in the weights' dtype.
     """
     out_features = grad_out.shape[-1]
     _check(x, w1, w2, out_features)
@@ -455,8 +483,16 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torc
     k, q, p = w1.shape
     l, s, r = w2.shape  # noqa: E741 (the specification's names)
     kq = k * q
+    if mid_t.shape != (kq, T):
+        raise ValueError(f"monarch triton kernel: mid_t must be the forward's saved middle "
+                         f"activation of shape (k*q={kq}, T={T}) (forward with save_mid=True), "
+                         f"got {tuple(mid_t.shape)}")
     if grad_out.dtype != x.dtype:
         grad_out = grad_out.to(x.dtype)
+    if mid_t.device != x.device:
+        raise ValueError(f"monarch triton kernel: mid_t is on {mid_t.device}, x on {x.device}")
+    if mid_t.dtype != x.dtype:
+        mid_t = mid_t.to(x.dtype)
     dev = x.device
     if T == 0:
         dx = (torch.empty((0, n_in), dtype=x.dtype, device=dev) if need_input_grad
@@ -466,8 +502,7 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torc
 
     with _device_ctx(x):
         go = grad_out
-        mid = torch.empty((T, kq), dtype=x.dtype, device=dev)
-        _first_factor(x, w1, mid)
+        mid_strides = (mid_t.stride(1), mid_t.stride(0))  # (token, feature)
 
         # d_mid[t, rr*l + ll] = sum_ss go[t, ss*l + ll] * w2[ll, ss, rr]  (w2 transposed by strides)
         s_eff = min(s, triton.cdiv(out_features, l))
@@ -475,13 +510,12 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torc
         _mm(go, go.stride(), 1, l, out_features,
             w2, (w2.stride(0), w2.stride(2), w2.stride(1)),
             dmid, dmid.stride(), 1, l, kq,
-            nb=l, n=r, c=s_eff)
+            nb=l, n=r, c=s_eff, T=T)
 
-        # dw2[ll, ss, rr] = sum_t go[t, ss*l + ll] * mid[t, rr*l + ll]
+        # dw2[ll, ss, rr] = sum_t go[t, ss*l + ll] * mid_t[rr*l + ll, t]
         dw2 = _wgrad(go, go.stride(), 1, l, out_features,
-                     mid, mid.stride(), 1, l, kq,
-                     nb=l, n=s, c=r, out_dtype=w2.dtype)
-        del mid
+                     mid_t, mid_strides, 1, l, kq,
+                     nb=l, n=s, c=r, T=T, out_dtype=w2.dtype)
 
         # dx[t, kk*p + pp] = sum_j d_mid[t, kk*q + j] * w1[kk, j, pp], truncated to in_features
         if need_input_grad:
@@ -491,14 +525,14 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torc
                 _mm(dmid, dmid.stride(), q, 1, kq,
                     w1, (w1.stride(0), w1.stride(2), w1.stride(1)),
                     dx, dx.stride(), p, 1, n_in,
-                    nb=k_eff, n=p, c=q)
+                    nb=k_eff, n=p, c=q, T=T)
         else:
             dx = torch.empty((0,), dtype=x.dtype, device=dev)
 
         # dw1[kk, j, pp] = sum_t d_mid[t, kk*q + j] * x_pad[t, kk*p + pp]
         dw1 = _wgrad(dmid, dmid.stride(), q, 1, kq,
                      x, x.stride(), p, 1, n_in,
-                     nb=k, n=q, c=p, out_dtype=w1.dtype)
+                     nb=k, n=q, c=p, T=T, out_dtype=w1.dtype)
     return dx, dw1, dw2
 
 

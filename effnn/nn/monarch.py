@@ -82,9 +82,10 @@ class MonarchLinear(nn.Module):
         self.backend = backend
         factory = {"device": device, "dtype": dtype}
         shape1, shape2 = monarch_factor_shapes(in_features, out_features, nblocks)
+        # registration order as fly's (bias first), so its optimizer states line up too
+        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
         self.blkdiag1 = nn.Parameter(torch.empty(shape1, **factory))
         self.blkdiag2 = nn.Parameter(torch.empty(shape2, **factory))
-        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
         self.reset_parameters()
 
     @property

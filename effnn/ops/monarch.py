@@ -72,10 +72,9 @@ def _mid_t(x: Tensor, blkdiag1: Tensor) -> Tensor:
     return torch.bmm(blkdiag1, xp.view(-1, k, p).permute(1, 2, 0)).view(k * q, -1)
 
 
-def monarch_linear_ref(
+def _forward_ref(
     x: Tensor, blkdiag1: Tensor, blkdiag2: Tensor, bias: Tensor | None, out_features: int
-) -> Tensor:
-    """Reference forward for 2-D ``x`` (T, in_features); returns (T, out_features)."""
+) -> tuple[Tensor, Tensor]:
     T = x.shape[0]
     l, s, r = blkdiag2.shape
     mid_t = _mid_t(x, blkdiag1)
@@ -86,26 +85,34 @@ def monarch_linear_ref(
         bias_ls = F.pad(bias, (0, l * s - out_features)).view(s, l).t().unsqueeze(1)
         out = torch.baddbmm(bias_ls, in2_t.transpose(1, 2), blkdiag2.transpose(1, 2))
     y = out.permute(1, 2, 0).reshape(T, s * l)  # out[t, ss*l + ll]
-    return y if out_features == s * l else y[:, :out_features].contiguous()
+    y = y if out_features == s * l else y[:, :out_features].contiguous()
+    return y, mid_t
+
+
+def monarch_linear_ref(
+    x: Tensor, blkdiag1: Tensor, blkdiag2: Tensor, bias: Tensor | None, out_features: int
+) -> Tensor:
+    """Reference forward for 2-D ``x`` (T, in_features); returns (T, out_features)."""
+    return _forward_ref(x, blkdiag1, blkdiag2, bias, out_features)[0]
 
 
 def monarch_linear_backward_ref(
-    grad_out: Tensor, x: Tensor, blkdiag1: Tensor, blkdiag2: Tensor, need_input_grad: bool
+    grad_out: Tensor, x: Tensor, mid_t: Tensor, blkdiag1: Tensor, blkdiag2: Tensor,
+    need_input_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Reference backward: (grad_x or an empty tensor, grad_blkdiag1, grad_blkdiag2).
 
-    The middle activation is recomputed from ``x`` rather than saved by the forward.
+    ``mid_t`` is the middle activation the forward saved, feature-major: (k*q, T), row kk*q + j.
     """
     T, in_features = x.shape
     k, q, p = blkdiag1.shape
     l, s, r = blkdiag2.shape
-    in2_t = _mid_t(x, blkdiag1).view(r, l, T).transpose(0, 1)  # (l, r, T)
+    in2_t = mid_t.view(r, l, T).transpose(0, 1)  # (l, r, T)
     dy = _pad_features(grad_out, l * s)
     dout2 = dy.view(T, s, l).permute(2, 0, 1).contiguous()  # (l, T, s)
     grad_w2 = torch.bmm(dout2.transpose(1, 2), in2_t.transpose(1, 2))  # (l, s, r)
-    del in2_t  # activations die as soon as possible: the peak memory of a training step
     dmid_t = torch.bmm(blkdiag2.transpose(1, 2), dout2.transpose(1, 2))  # (l, r, T)
-    del dout2
+    del dout2  # temporaries die as soon as possible: the peak memory of a training step
     dmid_t = dmid_t.transpose(0, 1).reshape(k, q, T)  # row rr*l + ll of the middle
     xp = _pad_features(x, k * p)
     grad_w1 = torch.bmm(dmid_t, xp.view(T, k, p).transpose(0, 1))  # (k, q, p)
@@ -127,72 +134,83 @@ def _triton_kernels():
     return monarch
 
 
-def _forward(backend: str, x, blkdiag1, blkdiag2, bias, out_features) -> Tensor:
+def _forward(backend: str, x, blkdiag1, blkdiag2, bias, out_features, save_mid):
     if backend == "triton":
-        return _triton_kernels().forward(x, blkdiag1, blkdiag2, bias, out_features)
+        return _triton_kernels().forward(x, blkdiag1, blkdiag2, bias, out_features, save_mid)
     if backend == "ext":
         return _ext.load().monarch_forward(
             x.contiguous(), blkdiag1.contiguous(), blkdiag2.contiguous(),
-            None if bias is None else bias.contiguous(), out_features,
+            None if bias is None else bias.contiguous(), out_features, save_mid,
         )
-    return monarch_linear_ref(x, blkdiag1, blkdiag2, bias, out_features)
+    y, mid_t = _forward_ref(x, blkdiag1, blkdiag2, bias, out_features)
+    return y, (mid_t if save_mid else x.new_empty(0))
 
 
-def _backward(backend: str, grad_out, x, blkdiag1, blkdiag2, need_input_grad):
+def _backward(backend: str, grad_out, x, mid_t, blkdiag1, blkdiag2, need_input_grad):
     if backend == "triton":
-        return _triton_kernels().backward(grad_out, x, blkdiag1, blkdiag2, need_input_grad)
+        return _triton_kernels().backward(grad_out, x, mid_t, blkdiag1, blkdiag2, need_input_grad)
     if backend == "ext":
         return _ext.load().monarch_backward(
-            grad_out.contiguous(), x.contiguous(), blkdiag1.contiguous(), blkdiag2.contiguous(),
-            need_input_grad,
+            grad_out.contiguous(), x.contiguous(), mid_t, blkdiag1.contiguous(),
+            blkdiag2.contiguous(), need_input_grad,
         )
-    return monarch_linear_backward_ref(grad_out, x, blkdiag1, blkdiag2, need_input_grad)
+    return monarch_linear_backward_ref(grad_out, x, mid_t, blkdiag1, blkdiag2, need_input_grad)
 
 
 @torch.library.custom_op("effnn::monarch_linear", mutates_args=())
 def _monarch_linear_op(
     x: Tensor, blkdiag1: Tensor, blkdiag2: Tensor, bias: Tensor | None, out_features: int,
-    backend: str,
-) -> Tensor:
+    backend: str, save_mid: bool,
+) -> tuple[Tensor, Tensor]:
+    """Returns (y, mid_t): mid_t is the middle activation, feature-major (k*q, T), kept for the
+    backward when ``save_mid`` (as fly saves it), else an empty tensor."""
     if x.shape[0] == 0:  # nothing to launch
         backend = "ref"
-    return _forward(backend, x, blkdiag1, blkdiag2, bias, out_features)
+    return _forward(backend, x, blkdiag1, blkdiag2, bias, out_features, save_mid)
 
 
 @_monarch_linear_op.register_fake
-def _(x, blkdiag1, blkdiag2, bias, out_features, backend):
-    return x.new_empty((x.shape[0], out_features))
+def _(x, blkdiag1, blkdiag2, bias, out_features, backend, save_mid):
+    k, q, _ = blkdiag1.shape
+    mid_t = x.new_empty((k * q, x.shape[0])) if save_mid else x.new_empty(0)
+    return x.new_empty((x.shape[0], out_features)), mid_t
 
 
 @torch.library.custom_op("effnn::monarch_linear_backward", mutates_args=())
 def _monarch_linear_backward_op(
-    grad_out: Tensor, x: Tensor, blkdiag1: Tensor, blkdiag2: Tensor, need_input_grad: bool,
-    backend: str,
+    grad_out: Tensor, x: Tensor, mid_t: Tensor, blkdiag1: Tensor, blkdiag2: Tensor,
+    need_input_grad: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     if x.shape[0] == 0:
         backend = "ref"
-    return _backward(backend, grad_out, x, blkdiag1, blkdiag2, need_input_grad)
+    return _backward(backend, grad_out, x, mid_t, blkdiag1, blkdiag2, need_input_grad)
 
 
 @_monarch_linear_backward_op.register_fake
-def _(grad_out, x, blkdiag1, blkdiag2, need_input_grad, backend):
+def _(grad_out, x, mid_t, blkdiag1, blkdiag2, need_input_grad, backend):
     grad_x = x.new_empty(x.shape) if need_input_grad else x.new_empty(0)
     return grad_x, blkdiag1.new_empty(blkdiag1.shape), blkdiag2.new_empty(blkdiag2.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    x, blkdiag1, blkdiag2, bias, out_features, backend = inputs
-    ctx.save_for_backward(x, blkdiag1, blkdiag2)
+    x, blkdiag1, blkdiag2, bias, out_features, backend, save_mid = inputs
+    ctx.save_for_backward(x, output[1], blkdiag1, blkdiag2)
+    ctx.mark_non_differentiable(output[1])
     ctx.backend = backend
+    ctx.out_features = out_features
 
 
-def _autograd_backward(ctx, grad_out):
-    x, blkdiag1, blkdiag2 = ctx.saved_tensors
+def _autograd_backward(ctx, grad_out, _grad_mid):
+    x, mid_t, blkdiag1, blkdiag2 = ctx.saved_tensors
     need_x, need_w1, need_w2, need_bias = ctx.needs_input_grad[:4]
     grad_x = grad_w1 = grad_w2 = grad_bias = None
     if need_x or need_w1 or need_w2:
+        if mid_t.dim() == 1:  # called directly with save_mid=False: recompute the middle
+            _, mid_t = torch.ops.effnn.monarch_linear(
+                x, blkdiag1, blkdiag2, None, ctx.out_features, ctx.backend, True
+            )
         grad_x, grad_w1, grad_w2 = torch.ops.effnn.monarch_linear_backward(
-            grad_out, x, blkdiag1, blkdiag2, need_x, ctx.backend
+            grad_out, x, mid_t, blkdiag1, blkdiag2, need_x, ctx.backend
         )
     if need_bias:
         grad_bias = grad_out.sum(0)
@@ -201,6 +219,7 @@ def _autograd_backward(ctx, grad_out):
         grad_w1 if need_w1 else None,
         grad_w2 if need_w2 else None,
         grad_bias,
+        None,
         None,
         None,
     )
@@ -213,10 +232,10 @@ def _forward_macs(x_shape, w1_shape, w2_shape, *_) -> int:
     return x_shape[0] * (math.prod(w1_shape) + math.prod(w2_shape))
 
 
-def _backward_macs(grad_shape, x_shape, w1_shape, w2_shape, need_input_grad, *_) -> int:
-    # recompute mid, grad of the middle, grad_w2, grad_w1 (+ grad_x)
+def _backward_macs(grad_shape, x_shape, mid_shape, w1_shape, w2_shape, need_input_grad, *_) -> int:
+    # grad of the middle, grad_w2, grad_w1 (+ grad_x)
     w1, w2 = math.prod(w1_shape), math.prod(w2_shape)
-    return x_shape[0] * (2 * w1 + 2 * w2 + (w1 if need_input_grad else 0))
+    return x_shape[0] * (w1 + 2 * w2 + (w1 if need_input_grad else 0))
 
 
 register_macs(torch.ops.effnn.monarch_linear, _forward_macs)
@@ -243,8 +262,8 @@ def _ext_reasons(x: Tensor, blkdiag1: Tensor, blkdiag2: Tensor) -> list[str]:
 
 
 def choose_backend(x: Tensor, blkdiag1: Tensor, blkdiag2: Tensor, backend: str = "auto") -> str:
-    """The backend ``monarch_linear`` runs for these inputs (raises BackendError if forced and
-    unable)."""
+    """The backend ``monarch_linear`` runs for 2-D ``x`` (T, in_features) and these factors
+    (raises BackendError if ``backend`` is forced and cannot serve them)."""
     return select_backend(
         "monarch_linear",
         backend,
@@ -331,10 +350,15 @@ def monarch_linear(
             t.to(dtype) if isinstance(t, Tensor) else t for t in (x, blkdiag1, blkdiag2, bias)
         )
     _check_inputs(x, blkdiag1, blkdiag2, bias, out_features)
-    chosen = choose_backend(x, blkdiag1, blkdiag2, backend)
     lead = x.shape[:-1]
-    y = torch.ops.effnn.monarch_linear(
-        x.reshape(-1, x.shape[-1]), blkdiag1, blkdiag2, bias, out_features, chosen
+    x2d = x.reshape(-1, x.shape[-1])
+    chosen = choose_backend(x2d, blkdiag1, blkdiag2, backend)
+    # the middle activation is kept only when a weight or input gradient will need it
+    save_mid = torch.is_grad_enabled() and (
+        x.requires_grad or blkdiag1.requires_grad or blkdiag2.requires_grad
+    )
+    y, _ = torch.ops.effnn.monarch_linear(
+        x2d, blkdiag1, blkdiag2, bias, out_features, chosen, save_mid
     )
     # a fresh tensor for 2-D input, as nn.Linear (FSDP2 warns about views returned by a root module)
     return y if x.dim() == 2 else y.reshape(*lead, out_features)

@@ -1,5 +1,8 @@
 """Triton Monarch kernels (effnn.kernels.monarch) against the naive fp64 loop reference.
 
+The forward returns (y, mid_t) with mid_t the middle activation feature-major (k*q, T) when asked
+to save it; the backward reads that mid_t instead of recomputing it.
+
 On a CPU-only machine these run under TRITON_INTERPRET=1 (set by tests/conftest.py before triton is
 imported); on a CUDA machine without the interpreter they run the compiled kernels on the GPU.
 """
@@ -24,8 +27,23 @@ else:
 pytestmark = pytest.mark.triton
 
 
+NAMES = ("y", "mid_t", "dx", "dw1", "dw2")
+
+
+def _naive_mid_t(x, w1):
+    """The specification's mid (first factor of x zero-padded), transposed to (k*q, T)."""
+    T, n_in = x.shape
+    k, q, p = w1.shape
+    xp = torch.zeros(T, k * p, dtype=x.dtype)
+    xp[:, :n_in] = x
+    mid = torch.zeros(T, k * q, dtype=x.dtype)
+    for kk in range(k):
+        mid[:, kk * q : (kk + 1) * q] = xp[:, kk * p : (kk + 1) * p] @ w1[kk].T
+    return mid.t()
+
+
 def _naive_all(x, w1, w2, bias, out_features, grad_out, need_input_grad=True):
-    """(y, dx, dw1, dw2) of the naive reference in the inputs' own dtype, on the CPU."""
+    """(y, mid_t, dx, dw1, dw2) of the naive reference in the inputs' own dtype, on the CPU."""
     x, w1, w2, grad_out = (t.detach().cpu() for t in (x, w1, w2, grad_out))
     bias = None if bias is None else bias.detach().cpu()
     x.requires_grad_(need_input_grad)
@@ -36,7 +54,7 @@ def _naive_all(x, w1, w2, bias, out_features, grad_out, need_input_grad=True):
     grads = torch.autograd.grad(y, inputs, grad_out)
     if not need_input_grad:
         grads = (None, *grads)
-    return (y.detach(), *grads)
+    return (y.detach(), _naive_mid_t(x.detach(), w1.detach()), *grads)
 
 
 def _make(T, n_in, n_out, w1_shape, w2_shape, dtype=torch.float32, bias=True, seed=0):
@@ -53,11 +71,29 @@ def _dev(t, dtype):
     return None if t is None else t.to(device=DEVICE, dtype=dtype)
 
 
+def _forward_both(x, w1, w2, b, n_out):
+    """km.forward with save_mid=True, checked against save_mid=False: (y, mid_t)."""
+    T = x.shape[0]
+    kq = w1.shape[0] * w1.shape[1]
+    y, mid_t = km.forward(x, w1, w2, b, n_out, True)
+    assert mid_t.shape == (kq, T) and mid_t.is_contiguous() and mid_t.dtype == x.dtype
+    assert y.shape == (T, n_out) and y.is_contiguous() and y.dtype == x.dtype
+    y0, none = km.forward(x, w1, w2, b, n_out, False)
+    assert none.shape == (0,) and none.dtype == x.dtype
+    assert y0.shape == y.shape and y0.is_contiguous()
+    if km._INTERPRET:  # same tiles, same order: bit-identical (compiled kernels may autotune apart)
+        assert torch.equal(y0, y)
+    else:
+        torch.testing.assert_close(y0, y)
+    return y, mid_t
+
+
 def _run_kernel(x, w1, w2, b, go, n_out, dtype, need_input_grad=True):
+    """(y, mid_t, dx, dw1, dw2): the forward's mid_t is fed to the backward."""
     x, w1, w2, b, go = (_dev(t, dtype) for t in (x, w1, w2, b, go))
-    y = km.forward(x, w1, w2, b, n_out)
-    dx, dw1, dw2 = km.backward(go, x, w1, w2, need_input_grad)
-    return y, dx, dw1, dw2
+    y, mid_t = _forward_both(x, w1, w2, b, n_out)
+    dx, dw1, dw2 = km.backward(go, x, mid_t, w1, w2, need_input_grad)
+    return y, mid_t, dx, dw1, dw2
 
 
 def _assert_close(actual, ref, tol, what):
@@ -92,10 +128,10 @@ def test_fp32_forward_backward(name):
     x, w1, w2, b, go = _make(T, n_in, n_out, s1, s2, bias=bias)
     ref = _naive_all(x, w1, w2, b, n_out, go)
     got = _run_kernel(x, w1, w2, b, go, n_out, torch.float32)
-    y, dx, dw1, dw2 = got
+    y, mid_t, dx, dw1, dw2 = got
     assert y.dtype == torch.float32 and y.is_contiguous() and y.shape == (T, n_out)
     assert dw1.dtype == dw2.dtype == torch.float32
-    for what, a, r in zip(("y", "dx", "dw1", "dw2"), got, ref, strict=True):
+    for what, a, r in zip(NAMES, got, ref, strict=True):
         _assert_close(a, r, 2e-5, f"{name} {what}")
 
 
@@ -104,7 +140,7 @@ def test_token_counts(T):
     x, w1, w2, b, go = _make(T, 30, 28, (4, 6, 8), (3, 10, 8))
     ref = _naive_all(x, w1, w2, b, 28, go)
     got = _run_kernel(x, w1, w2, b, go, 28, torch.float32)
-    for what, a, r in zip(("y", "dx", "dw1", "dw2"), got, ref, strict=True):
+    for what, a, r in zip(NAMES, got, ref, strict=True):
         _assert_close(a, r, 2e-5, f"T={T} {what}")
 
 
@@ -134,10 +170,12 @@ def test_noncontiguous_inputs(kind):
     # weights as non-contiguous views too (last two dims stored transposed)
     w1s = w1d.transpose(1, 2).contiguous().transpose(1, 2)
     w2s = w2d.transpose(1, 2).contiguous().transpose(1, 2)
-    y = km.forward(xs, w1s, w2s, bd, n_out)
-    dx, dw1, dw2 = km.backward(gos, xs, w1s, w2s, True)
-    assert y.is_contiguous()
-    for what, a, r in zip(("y", "dx", "dw1", "dw2"), (y, dx, dw1, dw2), ref, strict=True):
+    y, mid_t = _forward_both(xs, w1s, w2s, bd, n_out)
+    # the backward accepts mid_t of any strides ("transposed" is token-major)
+    mids = _strided(mid_t, kind)
+    assert not mids.is_contiguous() and torch.equal(mids, mid_t)
+    dx, dw1, dw2 = km.backward(gos, xs, mids, w1s, w2s, True)
+    for what, a, r in zip(NAMES, (y, mid_t, dx, dw1, dw2), ref, strict=True):
         _assert_close(a, r, 2e-5, f"{kind} {what}")
 
 
@@ -147,7 +185,7 @@ def test_broadcast_rows_stride0():
     go = torch.randn(18, 40, dtype=torch.float64)
     ref = _naive_all(xe.contiguous(), w1, w2, b, 40, go)
     got = _run_kernel(xe, w1, w2, b, go, 40, torch.float32)
-    for what, a, r in zip(("y", "dx", "dw1", "dw2"), got, ref, strict=True):
+    for what, a, r in zip(NAMES, got, ref, strict=True):
         _assert_close(a, r, 2e-5, f"expanded {what}")
 
 
@@ -160,17 +198,19 @@ def test_grad_out_stride0():
     xd, w1d, w2d = (_dev(t, torch.float32) for t in (x, w1, w2))
     god = torch.ones(1, 1, device=DEVICE).expand(T, n_out)
     assert god.stride() == (0, 0)
-    dx, dw1, dw2 = km.backward(god, xd, w1d, w2d, True)
-    for what, a, r in zip(("dx", "dw1", "dw2"), (dx, dw1, dw2), ref[1:], strict=True):
+    _, mid_t = km.forward(xd, w1d, w2d, None, n_out, True)
+    dx, dw1, dw2 = km.backward(god, xd, mid_t, w1d, w2d, True)
+    for what, a, r in zip(NAMES[2:], (dx, dw1, dw2), ref[2:], strict=True):
         _assert_close(a, r, 2e-5, f"stride-0 grad_out {what}")
 
 
 def test_no_input_grad():
     T, n_in, n_out, s1, s2, _ = SHAPES["general_k4_l3"]
     x, w1, w2, b, go = _make(T, n_in, n_out, s1, s2)
-    _, _, rdw1, rdw2 = _naive_all(x, w1, w2, b, n_out, go, need_input_grad=False)
+    _, _, _, rdw1, rdw2 = _naive_all(x, w1, w2, b, n_out, go, need_input_grad=False)
     xd, w1d, w2d, god = (_dev(t, torch.float32) for t in (x, w1, w2, go))
-    dx, dw1, dw2 = km.backward(god, xd, w1d, w2d, False)
+    _, mid_t = km.forward(xd, w1d, w2d, None, n_out, True)
+    dx, dw1, dw2 = km.backward(god, xd, mid_t, w1d, w2d, False)
     assert dx.shape == (0,)
     _assert_close(dw1, rdw1, 2e-5, "dw1")
     _assert_close(dw2, rdw2, 2e-5, "dw2")
@@ -184,9 +224,9 @@ def test_weight_grad_token_split(monkeypatch):
     x, w1, w2, b, go = _make(50, 24, 40, (2, 12, 12), (2, 20, 12))
     ref = _naive_all(x, w1, w2, b, 40, go)
     for dtype, tol in ((torch.float32, 2e-5), (torch.bfloat16, 3e-2)):
-        _, dx, dw1, dw2 = _run_kernel(x, w1, w2, b, go, 40, dtype)
+        _, _, dx, dw1, dw2 = _run_kernel(x, w1, w2, b, go, 40, dtype)
         assert dw1.dtype == dw2.dtype == dtype
-        for what, a, r in zip(("dx", "dw1", "dw2"), (dx, dw1, dw2), ref[1:], strict=True):
+        for what, a, r in zip(NAMES[2:], (dx, dw1, dw2), ref[2:], strict=True):
             _assert_close(a, r, tol, f"split {dtype} {what}")
 
 
@@ -202,9 +242,9 @@ def test_low_precision(dtype, name):
     low = [None if t is None else t.to(dtype) for t in (x, w1, w2, b, go)]
     ref_low = _naive_all(*low[:4], n_out, low[4])
     got = _run_kernel(*low[:4], low[4], n_out, dtype)
-    assert got[0].dtype == dtype and got[2].dtype == dtype and got[3].dtype == dtype
+    assert all(t.dtype == dtype for t in got)
     eps = torch.finfo(dtype).eps
-    for what, a, rl, r64 in zip(("y", "dx", "dw1", "dw2"), got, ref_low, ref64, strict=True):
+    for what, a, rl, r64 in zip(NAMES, got, ref_low, ref64, strict=True):
         err_k = (a.cpu().double() - r64).abs().max().item()
         err_ref = (rl.double() - r64).abs().max().item()
         slack = eps * r64.abs().max().item()
@@ -212,6 +252,17 @@ def test_low_precision(dtype, name):
             f"{name} {dtype} {what}: kernel error {err_k:.3g} > 2 * naive {dtype} error "
             f"{err_ref:.3g} + {slack:.3g}"
         )
+
+
+def test_zero_out_features():
+    """out_features == 0: y is (T, 0), yet mid_t is computed in full and the backward is zero."""
+    x, w1, w2, _, _ = _make(19, 30, 0, (4, 6, 8), (3, 10, 8), bias=False)
+    xd, w1d, w2d = (_dev(t, torch.float32) for t in (x, w1, w2))
+    y, mid_t = _forward_both(xd, w1d, w2d, None, 0)
+    _assert_close(mid_t, _naive_mid_t(x, w1), 2e-5, "mid_t")
+    dx, dw1, dw2 = km.backward(torch.empty(19, 0, device=DEVICE), xd, mid_t, w1d, w2d, True)
+    for what, a, shape in (("dx", dx, (19, 30)), ("dw1", dw1, w1.shape), ("dw2", dw2, w2.shape)):
+        _assert_close(a, torch.zeros(shape, dtype=torch.float64), 0.0, what)
 
 
 def test_unsupported_reasons():
@@ -235,11 +286,16 @@ def test_unsupported_reasons():
 def test_shape_errors():
     x = torch.randn(4, 8, device=DEVICE)
     w1 = torch.randn(2, 4, 4, device=DEVICE)
+    w2 = torch.randn(2, 4, 4, device=DEVICE)
     with pytest.raises(ValueError, match="k\\*q == l\\*r"):
-        km.forward(x, w1, torch.randn(3, 4, 4, device=DEVICE), None, 8)
+        km.forward(x, w1, torch.randn(3, 4, 4, device=DEVICE), None, 8, True)
     with pytest.raises(ValueError, match="out_features=20"):
-        km.forward(x, w1, torch.randn(2, 4, 4, device=DEVICE), None, 20)
+        km.forward(x, w1, w2, None, 20, True)
     with pytest.raises(ValueError, match="exceeds k\\*p"):
-        km.forward(
-            torch.randn(4, 9, device=DEVICE), w1, torch.randn(2, 4, 4, device=DEVICE), None, 8
-        )
+        km.forward(torch.randn(4, 9, device=DEVICE), w1, w2, None, 8, False)
+    go = torch.randn(4, 8, device=DEVICE)
+    # the backward needs the saved mid_t (k*q, T), not the empty one of save_mid=False
+    for bad in (torch.empty(0, device=DEVICE), torch.randn(4, 8, device=DEVICE),
+                torch.randn(8, 5, device=DEVICE)):
+        with pytest.raises(ValueError, match="mid_t must be"):
+            km.backward(go, x, bad, w1, w2, True)

@@ -27,6 +27,7 @@ def test_official_state_dict_layout_loads_and_computes(in_features, out_features
     official = {k: torch.randn(v, dtype=torch.float64) for k, v in shapes.items()}
     layer = MonarchLinear(in_features, out_features, bias=bias, nblocks=nblocks, dtype=torch.float64)
     assert {k: tuple(v.shape) for k, v in layer.state_dict().items()} == shapes
+    assert [k for k, _ in layer.named_parameters()] == [k for k in ("bias", "blkdiag1", "blkdiag2") if k in shapes]
     layer.load_state_dict(official)
     x = torch.randn(3, 5, in_features, dtype=torch.float64, requires_grad=True)
     x_naive = x.detach().clone().requires_grad_()

@@ -165,23 +165,27 @@ def test_opcheck_forward_and_backward_ops():
     w1, w2 = factors(12, 20, 4, dtype=torch.float32, requires_grad=True)
     b = torch.randn(20, requires_grad=True)
     x = torch.randn(5, 12, requires_grad=True)
-    torch.library.opcheck(torch.ops.effnn.monarch_linear.default, (x, w1, w2, b, 20, "ref"))
-    torch.library.opcheck(torch.ops.effnn.monarch_linear.default, (x, w1, w2, None, 18, "ref"))
+    for args in [(x, w1, w2, b, 20), (x, w1, w2, None, 18)]:
+        for save_mid in (True, False):
+            torch.library.opcheck(torch.ops.effnn.monarch_linear.default, (*args, "ref", save_mid))
     g = torch.randn(5, 20)
-    torch.library.opcheck(
-        torch.ops.effnn.monarch_linear_backward.default,
-        (g, x.detach(), w1.detach(), w2.detach(), True, "ref"),
-    )
-    torch.library.opcheck(
-        torch.ops.effnn.monarch_linear_backward.default,
-        (g, x.detach(), w1.detach(), w2.detach(), False, "ref"),
-    )
+    mid_t = torch.ops.effnn.monarch_linear(x, w1, w2, b, 20, "ref", True)[1].detach()
+    for need_input_grad in (True, False):
+        torch.library.opcheck(
+            torch.ops.effnn.monarch_linear_backward.default,
+            (g, x.detach(), mid_t, w1.detach(), w2.detach(), need_input_grad, "ref"),
+        )
 
 
-def test_backward_ref_skips_input_grad():
+def test_saved_middle_activation_only_when_gradients_need_it():
     w1, w2 = factors(12, 20, 4)
     x = torch.randn(5, 12, dtype=torch.float64)
-    dx, dw1, dw2 = monarch_linear_backward_ref(torch.randn(5, 20, dtype=torch.float64), x, w1, w2, False)
+    y, mid_t = torch.ops.effnn.monarch_linear(x, w1, w2, None, 20, "ref", True)
+    xp = torch.nn.functional.pad(x, (0, 4 * 3 - 12))
+    naive_mid = torch.cat([xp[:, kk * 3:(kk + 1) * 3] @ w1[kk].T for kk in range(4)], dim=1)
+    torch.testing.assert_close(mid_t, naive_mid.t())
+    assert torch.ops.effnn.monarch_linear(x, w1, w2, None, 20, "ref", False)[1].numel() == 0
+    dx, dw1, dw2 = monarch_linear_backward_ref(torch.randn(5, 20, dtype=torch.float64), x, mid_t, w1, w2, False)
     assert dx.numel() == 0 and dw1.shape == w1.shape and dw2.shape == w2.shape
 
 
@@ -194,8 +198,8 @@ def test_flop_counter_counts_real_cost():
     assert counter.get_total_flops() == 2 * 10 * w
     with FlopCounterMode(display=False) as counter:
         y.sum().backward()
-    # recompute mid, grad of the middle, grad_w2, grad_w1, grad_x
-    assert counter.get_total_flops() == 2 * 10 * (3 * w1.numel() + 2 * w2.numel())
+    # grad of the middle, grad_w2, grad_w1, grad_x (the middle activation was saved)
+    assert counter.get_total_flops() == 2 * 10 * (2 * w1.numel() + 2 * w2.numel())
 
 
 def test_fvcore_counts_macs():
