@@ -4,17 +4,25 @@ references the fast paths are tested against, in float64."""
 import torch
 
 
-def monarch_naive(x, blkdiag1, blkdiag2, bias, out_features):
-    """fly's MonarchLinear forward for 2-D x: pad, first block-diagonal factor, perfect shuffle,
-    second factor, output shuffle, truncate, bias (HazyResearch/fly, blockdiag_butterfly_multiply)."""
+def monarch_naive_mid(x, blkdiag1):
+    """The middle activation (T, k*q) of fly's MonarchLinear: x zero-padded to k*p features, then
+    the first block-diagonal factor."""
     T, n_in = x.shape
     k, q, p = blkdiag1.shape
-    l, s, r = blkdiag2.shape
     xp = torch.zeros(T, k * p, dtype=x.dtype)
     xp[:, :n_in] = x
     mid = torch.zeros(T, k * q, dtype=x.dtype)
     for kk in range(k):
         mid[:, kk * q:(kk + 1) * q] = xp[:, kk * p:(kk + 1) * p] @ blkdiag1[kk].T
+    return mid
+
+
+def monarch_naive(x, blkdiag1, blkdiag2, bias, out_features):
+    """fly's MonarchLinear forward for 2-D x: pad, first block-diagonal factor, perfect shuffle,
+    second factor, output shuffle, truncate, bias (HazyResearch/fly, blockdiag_butterfly_multiply)."""
+    T = x.shape[0]
+    l, s, r = blkdiag2.shape
+    mid = monarch_naive_mid(x, blkdiag1)
     out = torch.zeros(T, l * s, dtype=x.dtype)
     for ll in range(l):
         # block ll reads middle features rr*l + ll and writes output features ss*l + ll

@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("triton")
 
 from effnn.kernels import monarch as km  # noqa: E402  (needs triton)
-from tests.naive import monarch_naive  # noqa: E402  (the specification's loop reference)
+from tests.naive import monarch_naive, monarch_naive_mid  # noqa: E402  (the loop reference)
 
 if km._INTERPRET:
     DEVICE = "cpu"
@@ -31,15 +31,8 @@ NAMES = ("y", "mid_t", "dx", "dw1", "dw2")
 
 
 def _naive_mid_t(x, w1):
-    """The specification's mid (first factor of x zero-padded), transposed to (k*q, T)."""
-    T, n_in = x.shape
-    k, q, p = w1.shape
-    xp = torch.zeros(T, k * p, dtype=x.dtype)
-    xp[:, :n_in] = x
-    mid = torch.zeros(T, k * q, dtype=x.dtype)
-    for kk in range(k):
-        mid[:, kk * q : (kk + 1) * q] = xp[:, kk * p : (kk + 1) * p] @ w1[kk].T
-    return mid.t()
+    """The specification's mid, transposed to (k*q, T)."""
+    return monarch_naive_mid(x, w1).t()
 
 
 def _naive_all(x, w1, w2, bias, out_features, grad_out, need_input_grad=True):

@@ -23,25 +23,9 @@ import torch
 
 _C = pytest.importorskip("effnn._C")
 
+from tests.naive import monarch_naive, monarch_naive_mid  # noqa: E402
+
 pytestmark = pytest.mark.ext
-
-
-def monarch_naive(x, w1, w2, bias, out_features, return_mid=False):
-    """The specification, written with loops over the blocks (and the middle activation)."""
-    T, n_in = x.shape
-    k, q, p = w1.shape
-    l, s, r = w2.shape
-    xp = torch.zeros(T, k * p, dtype=x.dtype)
-    xp[:, :n_in] = x
-    mid = torch.zeros(T, k * q, dtype=x.dtype)
-    for kk in range(k):
-        mid[:, kk * q:(kk + 1) * q] = xp[:, kk * p:(kk + 1) * p] @ w1[kk].T
-    out = torch.zeros(T, l * s, dtype=x.dtype)
-    for ll in range(l):
-        out[:, ll::l] = mid[:, ll::l] @ w2[ll].T  # in2[t, rr] = mid[t, rr*l + ll]
-    y = out[:, :out_features]
-    y = y if bias is None else y + bias
-    return (y, mid) if return_mid else y
 
 
 def naive_dw2(grad_out, mid, w2_shape):
@@ -69,7 +53,8 @@ def naive_with_grads(x, w1, w2, bias, out_features, grad_out, dtype):
     with torch_threads(1):
         xs, w1s, w2s = (t.detach().to(dtype).requires_grad_() for t in (x, w1, w2))
         b = None if bias is None else bias.to(dtype)
-        y, mid = monarch_naive(xs, w1s, w2s, b, out_features, return_mid=True)
+        y = monarch_naive(xs, w1s, w2s, b, out_features)
+        mid = monarch_naive_mid(xs, w1s)
         y.backward(grad_out.to(dtype))
         return [t.detach().double() for t in (y, xs.grad, w1s.grad, w2s.grad, mid.T)]
 
@@ -240,7 +225,7 @@ def test_mid_t_layout():
     k, q, p, l, s, r = 2, 12, 16, 3, 17, 8
     x = torch.randn(9, 30, dtype=torch.float64)
     w1, w2 = torch.randn(k, q, p, dtype=torch.float64), torch.randn(l, s, r, dtype=torch.float64)
-    _, mid = monarch_naive(x, w1, w2, None, 50, return_mid=True)
+    mid = monarch_naive_mid(x, w1)
     y, mid_t = _C.monarch_forward(x.float(), w1.float(), w2.float(), None, 50, True)
     torch.testing.assert_close(mid_t.double(), mid.T, rtol=1e-4, atol=1e-4)
     in2 = mid_t.view(r, l, 9).permute(2, 1, 0)  # (T, l, r)
@@ -253,7 +238,7 @@ def test_zero_out_features_still_saves_mid():
     x, w1, w2 = x.float(), w1.float(), w2.float()
     y, mid_t = _C.monarch_forward(x, w1, w2, None, 0, True)
     assert y.shape == (11, 0)
-    _, mid = monarch_naive(x.double(), w1.double(), w2.double(), None, 0, return_mid=True)
+    mid = monarch_naive_mid(x.double(), w1.double())
     torch.testing.assert_close(mid_t.double(), mid.T, rtol=1e-5, atol=1e-5)
     dx, dw1, dw2 = _C.monarch_backward(torch.zeros(11, 0), x, mid_t, w1, w2, True)
     assert not dx.any() and not dw1.any() and not dw2.any()
