@@ -42,3 +42,141 @@ def monarch_square_project_paper(weight, m):
             u, s, vh = torch.linalg.svd(a[:, j, k, :])
             out[:, j, k, :] = s[0] * torch.outer(u[:, 0], vh[0])
     return out.reshape(m * m, m * m)
+
+
+def routed_attention_naive(q, k, v, r_idx, r_weight, key_valid, num_heads, scale):
+    """BRA's token-to-token attention (level 2), one query region and one head at a time: query
+    region p of image n attends, per head, to the concatenated tokens of its routed regions
+    r_idx[n, p, :], each region's keys and values times r_weight[n, p, j] when given; keys with
+    key_valid False are left out of the softmax. Region-major (N, P, T, C) tensors, head-major
+    channels."""
+    N, P, Tq, Cqk = q.shape
+    Cv = v.shape[-1]
+    dq, dv = Cqk // num_heads, Cv // num_heads
+    out = torch.zeros(N, P, Tq, Cv, dtype=q.dtype)
+    for n in range(N):
+        for p in range(P):
+            keys, values, keep = [], [], []
+            for j, r in enumerate(r_idx[n, p].tolist()):
+                w = 1.0 if r_weight is None else r_weight[n, p, j]
+                keys.append(w * k[n, r])
+                values.append(w * v[n, r])
+                keep.append(torch.ones(k.shape[2], dtype=torch.bool) if key_valid is None else key_valid[r])
+            keys, values, keep = torch.cat(keys), torch.cat(values), torch.cat(keep)
+            for h in range(num_heads):
+                logits = scale * q[n, p, :, h * dq:(h + 1) * dq] @ keys[keep, h * dq:(h + 1) * dq].T
+                out[n, p, :, h * dv:(h + 1) * dv] = torch.softmax(logits, -1) @ values[keep, h * dv:(h + 1) * dv]
+    return out
+
+
+def bra_naive(x, params, *, num_heads, n_win, qk_dim, topk, scale, diff_routing=False,
+              soft_routing=False, padding="none", kv_downsample_mode="identity", kv_per_win=4,
+              kv_downsample_ratio=4):
+    """Bi-level routing attention of BiFormer on channels-last x (N, H, W, C), written from the
+    paper and the official ops/bra_legacy.py / ops/bra_nchw.py, one image and one region at a
+    time. ``params`` holds the official parameter names: "qkv.qkv.weight"/"qkv.qkv.bias" (rows
+    q | k | v) and optionally "wo.*", "lepe.*", "router.emb.*".
+
+    padding: "none" (H, W divisible by n_win), "legacy" (zero-pad x before the projection; n_win x
+    n_win regions of ceil(H/n_win) tokens; padded tokens count in region means, as keys and in the
+    LCE), "nchw" (zero-pad q, k, v after the projection; regions of floor(H/n_win) tokens; means
+    over valid tokens; padded keys kept in the softmax; LCE on the unpadded V map), "masked"
+    ("legacy" regions, "nchw" zero padding, padded keys dropped from the softmax, empty regions
+    never routed). Returns (out, r_idx, r_weight)."""
+    N, H, W, C = x.shape
+    if padding == "nchw":
+        rh, rw = H // n_win, W // n_win
+        gh, gw = -(-H // rh), -(-W // rw)
+    else:
+        rh, rw = -(-H // n_win), -(-W // n_win)
+        gh, gw = n_win, n_win
+    Hp, Wp = gh * rh, gw * rw
+    weight, bias = params["qkv.qkv.weight"], params.get("qkv.qkv.bias")
+    if padding == "legacy":
+        xp = torch.zeros(N, Hp, Wp, C, dtype=x.dtype)
+        xp[:, :H, :W] = x
+        qkv = torch.nn.functional.linear(xp, weight, bias)
+    else:
+        qkv = torch.zeros(N, Hp, Wp, weight.shape[0], dtype=x.dtype)
+        qkv[:, :H, :W] = torch.nn.functional.linear(x, weight, bias)
+    q, k, v = qkv[..., :qk_dim], qkv[..., qk_dim:2 * qk_dim], qkv[..., 2 * qk_dim:]
+    valid = torch.zeros(Hp, Wp, dtype=torch.bool)
+    valid[:H, :W] = True
+    regions = [(a, b) for a in range(gh) for b in range(gw)]
+
+    def tokens(t, n, a, b):  # one region's tokens, row-major
+        return t[n, a * rh:(a + 1) * rh, b * rw:(b + 1) * rw].reshape(rh * rw, -1)
+
+    def pooled(t):  # the official per-region KV downsampling of a (rh, rw, c) region map
+        m = t.reshape(rh, rw, -1).permute(2, 0, 1)[None]
+        if kv_downsample_mode == "ada_avgpool":
+            m = torch.nn.functional.adaptive_avg_pool2d(m, kv_per_win)
+        elif kv_downsample_mode == "ada_maxpool":
+            m = torch.nn.functional.adaptive_max_pool2d(m, kv_per_win)
+        elif kv_downsample_mode == "avgpool" and kv_downsample_ratio > 1:
+            m = torch.nn.functional.avg_pool2d(m, kv_downsample_ratio)
+        elif kv_downsample_mode == "maxpool" and kv_downsample_ratio > 1:
+            m = torch.nn.functional.max_pool2d(m, kv_downsample_ratio)
+        return m[0].permute(1, 2, 0).reshape(-1, t.shape[-1])
+
+    out = torch.zeros(N, Hp, Wp, C, dtype=x.dtype)
+    r_idx = torch.zeros(N, gh * gw, topk, dtype=torch.long)
+    r_weight = torch.zeros(N, gh * gw, topk, dtype=x.dtype)
+    dqk, dv = qk_dim // num_heads, C // num_heads
+    for n in range(N):
+        # level 1: region-level queries and keys, affinity graph, top-k
+        q_r, k_r, nonempty = [], [], []
+        for a, b in regions:
+            mask = tokens(valid[None, ..., None], 0, a, b)[:, 0]
+            if padding in ("nchw", "masked"):
+                count = max(int(mask.sum()), 1)
+                q_r.append(tokens(q, n, a, b).sum(0) / count)
+                k_r.append(tokens(k, n, a, b).sum(0) / count)
+            else:
+                q_r.append(tokens(q, n, a, b).mean(0))
+                k_r.append(tokens(k, n, a, b).mean(0))
+            nonempty.append(bool(mask.any()))
+        q_r, k_r = torch.stack(q_r), torch.stack(k_r)
+        if not diff_routing:
+            q_r, k_r = q_r.detach(), k_r.detach()
+        if "router.emb.weight" in params:
+            emb = lambda t: torch.nn.functional.linear(t, params["router.emb.weight"], params["router.emb.bias"])  # noqa: E731
+            q_r, k_r = emb(q_r), emb(k_r)
+        affinity = (q_r * scale) @ k_r.T
+        if padding == "masked":
+            affinity = affinity.masked_fill(~torch.tensor(nonempty), float("-inf"))
+        top, idx = torch.topk(affinity, topk, dim=-1)
+        weights = torch.softmax(top, dim=-1)
+        r_idx[n], r_weight[n] = idx, weights.detach()
+        # level 2: every token of region p attends to the tokens of its routed regions
+        for p, (a, b) in enumerate(regions):
+            keys, values, keep = [], [], []
+            for j, r in enumerate(idx[p].tolist()):
+                ra, rb = regions[r]
+                kr, vr = tokens(k, n, ra, rb), tokens(v, n, ra, rb)
+                key_mask = tokens(valid[None, ..., None], 0, ra, rb)[:, 0]
+                if kv_downsample_mode != "identity":
+                    kr, vr = pooled(kr), pooled(vr)
+                    key_mask = torch.ones(kr.shape[0], dtype=torch.bool)
+                w = weights[p, j] if soft_routing else 1.0
+                keys.append(w * kr)
+                values.append(w * vr)
+                keep.append(key_mask if padding == "masked" else torch.ones_like(key_mask))
+            keys, values, keep = torch.cat(keys), torch.cat(values), torch.cat(keep)
+            qp = tokens(q, n, a, b)
+            o = []
+            for h in range(num_heads):
+                logits = scale * qp[:, h * dqk:(h + 1) * dqk] @ keys[keep, h * dqk:(h + 1) * dqk].T
+                o.append(torch.softmax(logits, -1) @ values[keep, h * dv:(h + 1) * dv])
+            out[n, a * rh:(a + 1) * rh, b * rw:(b + 1) * rw] = torch.cat(o, -1).reshape(rh, rw, C)
+    # local context enhancement: depthwise conv of the V map (padded map for "legacy")
+    if "lepe.weight" in params:
+        kernel = params["lepe.weight"]
+        v_map = v if padding in ("none", "legacy") else v[:, :H, :W]
+        lepe = torch.nn.functional.conv2d(v_map.permute(0, 3, 1, 2), kernel, params["lepe.bias"],
+                                          padding=kernel.shape[-1] // 2, groups=C).permute(0, 2, 3, 1)
+        out = out[:, :lepe.shape[1], :lepe.shape[2]] + lepe
+    out = out[:, :H, :W]
+    if "wo.weight" in params:
+        out = torch.nn.functional.linear(out, params["wo.weight"], params["wo.bias"])
+    return out, r_idx, r_weight
