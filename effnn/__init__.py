@@ -5,10 +5,38 @@ triton nor the compiled extension (``python -m effnn.info`` reports what is avai
 """
 
 from effnn.checkpoint import load, save
-from effnn.convert import MonarchConfig, swap_linear
-from effnn.nn import MonarchLinear
+from effnn.convert import MonarchConfig, insert_cb, remove_cb, swap_linear
+from effnn.convert.mod import arank, select_mod_layers, to_mod
+from effnn.convert.ones import distillation_loss, gather_all_experts, gather_experts
+from effnn.nn import ContextBroadcast, MonarchLinear
+from effnn.nn.mod import GammaRouter, MoDBlock, MoDRouter, mod_aux_loss
+from effnn.nn.moe import FeedForward, MoE
+from effnn.nn.routing_attention import BiLevelRoutingAttention
 from effnn.ops._dispatch import BackendError
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendError", "MonarchConfig", "MonarchLinear", "load", "save", "swap_linear"]
+__all__ = [
+    "BiLevelRoutingAttention",
+    "GammaRouter",
+    "MoDBlock",
+    "MoDRouter",
+    "arank",
+    "mod_aux_loss",
+    "select_mod_layers",
+    "to_mod",
+    "BackendError",
+    "FeedForward",
+    "MoE",
+    "distillation_loss",
+    "gather_all_experts",
+    "gather_experts",
+    "ContextBroadcast",
+    "MonarchConfig",
+    "MonarchLinear",
+    "insert_cb",
+    "load",
+    "remove_cb",
+    "save",
+    "swap_linear",
+]

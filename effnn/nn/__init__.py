@@ -1,5 +1,17 @@
 """nn.Modules: parameters, input validation and one op call each."""
 
+from effnn.nn.broadcast import ContextBroadcast
+from effnn.nn.mod import (
+    GammaRouter,
+    KVCache,
+    MoDBlock,
+    MoDPredictor,
+    MoDRouter,
+    PreNormBlock,
+    mod_aux_loss,
+)
+from effnn.nn.moe import FeedForward, MoE
 from effnn.nn.monarch import MonarchLinear
+from effnn.nn.routing_attention import BiLevelRoutingAttention
 
-__all__ = ["MonarchLinear"]
+__all__ = ["GammaRouter", "KVCache", "MoDBlock", "MoDPredictor", "MoDRouter", "PreNormBlock", "mod_aux_loss", "FeedForward", "MoE", "ContextBroadcast", "MonarchLinear", "BiLevelRoutingAttention"]
