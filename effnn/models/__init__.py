@@ -4,10 +4,13 @@
   paper, Table 1).
 - :func:`gpt2_small`, :func:`gpt2_medium`: GPT-2 (Hugging Face module names, ``nn.Linear``
   projections), dense or Monarch (Monarch paper, Table 2).
+- :func:`biformer_tiny`, :func:`biformer_small`, :func:`biformer_base`: BiFormer (official
+  parameter names), classifiers or multi-scale backbones (``features_only=True``).
 
 The Monarch configurations and how they compare with the paper's tables are in docs/models.md.
 """
 
+from effnn.models.biformer import BiFormer, biformer_base, biformer_small, biformer_tiny
 from effnn.models.gpt2 import (
     GPT2_MONARCH_PRESETS,
     GPT2LMHeadModel,
@@ -18,10 +21,14 @@ from effnn.models.gpt2 import (
 from effnn.models.vit import VIT_MONARCH_PRESETS, VisionTransformer, vit_base_patch16_224
 
 __all__ = [
+    "BiFormer",
     "GPT2LMHeadModel",
     "GPT2_MONARCH_PRESETS",
     "VIT_MONARCH_PRESETS",
     "VisionTransformer",
+    "biformer_base",
+    "biformer_small",
+    "biformer_tiny",
     "convert_hf_gpt2_state_dict",
     "gpt2_medium",
     "gpt2_small",
