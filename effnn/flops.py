@@ -11,6 +11,7 @@ Each op registers one multiply-add count (a function of its input shapes) with
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -43,6 +44,16 @@ def _fvcore_handle(macs: Callable[..., int]) -> Callable[[list, list], int]:
     return handle
 
 
+def _sdpa_fvcore_handle(inputs: list, outputs: list) -> int:
+    # fvcore has no handle for this op; count both products, as FlopCounterMode does.
+    q, k, v = (inputs[i].type().sizes() for i in range(3))
+    *batch, s_q, d = q
+    return math.prod(batch) * s_q * k[-2] * (d + v[-1])
+
+
 def fvcore_handles() -> dict[str, Callable[[list, list], int]]:
-    """``{op name: handle}`` for ``fvcore.nn.FlopCountAnalysis.set_op_handle(**handles)``."""
-    return {name: _fvcore_handle(macs) for name, macs in _MACS.items()}
+    """``{op name: handle}`` for ``fvcore.nn.FlopCountAnalysis.set_op_handle(**handles)``: effnn's
+    ops, and ``aten::scaled_dot_product_attention`` (which fvcore does not count by itself)."""
+    handles = {name: _fvcore_handle(macs) for name, macs in _MACS.items()}
+    handles["aten::scaled_dot_product_attention"] = _sdpa_fvcore_handle
+    return handles

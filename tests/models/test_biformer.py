@@ -107,12 +107,6 @@ def test_parameter_count_is_official(name):
     assert as_printed(n, README[name][0]) == README[name][0]
 
 
-def _sdpa_fvcore_handle(inputs, outputs):
-    """Both products of ``aten::scaled_dot_product_attention`` (fvcore has no handle of its own)."""
-    q, k, v = (inputs[i].type().sizes() for i in range(3))
-    b, h, s, d = q
-    return b * h * s * k[2] * d + b * h * s * k[2] * v[3]
-
 
 @pytest.mark.filterwarnings("ignore")
 @pytest.mark.parametrize("name", FACTORIES)
@@ -127,8 +121,7 @@ def test_fvcore_flops_are_official(name):
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_var.fill_(1)
     analysis = fvcore_nn.FlopCountAnalysis(model, torch.zeros(1, 3, 224, 224))
-    analysis.set_op_handle(**effnn.flops.fvcore_handles(),
-                           **{"aten::scaled_dot_product_attention": _sdpa_fvcore_handle})
+    analysis.set_op_handle(**effnn.flops.fvcore_handles())
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
     flops = analysis.total()
     assert flops == official_fvcore_flops(*CONFIGS[name])

@@ -264,23 +264,15 @@ def test_mixer_rows_confirm_the_counting_convention(variant, preset, expected):
     assert (as_printed(got[0], paper[0]), as_printed(got[1], paper[1])) == paper
 
 
-def _sdpa_fvcore_handle(inputs, outputs):
-    q, k, v = (inputs[i].type().sizes() for i in range(3))
-    b, h, s, d = q
-    return b * h * s * k[2] * d + b * h * s * k[2] * v[3]
-
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore")
 def test_fvcore_counts_vit_b16_like_the_paper():
     """fvcore (the paper's counter: 17.6G for ViT-B/16, LayerNorms included) sees the Monarch op
-    through ``effnn.flops.fvcore_handles()``; ``aten::scaled_dot_product_attention`` needs a
-    handle of its own."""
+    through ``effnn.flops.fvcore_handles()`` (which also counts
+    ``aten::scaled_dot_product_attention``)."""
     fvcore_nn = pytest.importorskip("fvcore.nn")
-    handles = {
-        **effnn.flops.fvcore_handles(),
-        "aten::scaled_dot_product_attention": _sdpa_fvcore_handle,
-    }
+    handles = effnn.flops.fvcore_handles()
     totals = {}
     for preset in (None, "qkv_mlp"):
         model = vit_base_patch16_224(monarch=preset, device="meta").to_empty(device="cpu").eval()
