@@ -79,7 +79,8 @@ class BiLevelRoutingAttention(nn.Module):
             :data:`effnn.ops.routing_attention.KV_DOWNSAMPLE_MODES` (released models: "identity").
         kv_per_win: pooled keys per region side for "ada_avgpool"/"ada_maxpool".
         kv_downsample_ratio: pooling stride for "avgpool"/"maxpool".
-        backend: "auto" or "ref" (the routed attention's implementation).
+        backend: "auto", "ref" or "triton" (the routed attention's implementation; "auto" picks
+            the Triton kernel for fp32/fp16/bf16 CUDA tensors, the reference otherwise).
 
     Shape: input (N, H, W, C) channels-last, output (N, H, W, C). ``forward(x, return_routing=True)``
     returns ``(output, routing)``, a :class:`effnn.ops.routing_attention.Routing` with the routed

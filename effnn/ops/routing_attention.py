@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from effnn.flops import register_macs
-from effnn.ops._dispatch import select_backend
+from effnn.ops._dispatch import select_backend, triton_device_reasons
 
 __all__ = [
     "PADDING_MODES",
@@ -486,13 +486,26 @@ def routed_attention_backward_ref(
 # --------------------------------------------------------------------------------------------
 
 
+def _triton_kernels():
+    from effnn.kernels import routing_attention
+
+    return routing_attention
+
+
 def _forward(backend: str, q, k, v, r_idx, r_weight, key_valid, num_heads, scale):
-    # A Triton backend adds a branch here with the same contract (see routed_attention_ref).
+    # every backend has the contract of routed_attention_ref
+    if backend == "triton":
+        return _triton_kernels().forward(q, k, v, r_idx, r_weight, key_valid, num_heads, scale)
     return routed_attention_ref(q, k, v, r_idx, r_weight, key_valid, num_heads, scale)
 
 
 def _backward(backend: str, grad_out, q, k, v, out, lse, r_idx, r_weight, key_valid, num_heads,
               scale, need_weight_grad):
+    if backend == "triton":
+        return _triton_kernels().backward(
+            grad_out, q, k, v, out, lse, r_idx, r_weight, key_valid, num_heads, scale,
+            need_weight_grad,
+        )
     return routed_attention_backward_ref(
         grad_out, q, k, v, out, lse, r_idx, r_weight, key_valid, num_heads, scale, need_weight_grad
     )
@@ -594,10 +607,18 @@ register_macs(torch.ops.effnn.routed_attention_backward, _backward_macs)
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def choose_backend(q: Tensor, backend: str = "auto") -> str:
-    """The backend :func:`routed_attention` runs for ``q`` (raises BackendError if ``backend`` is
-    forced and cannot serve it). Only the reference is implemented so far."""
-    return select_backend("routed_attention", backend, q.device, {"ref": lambda: []})
+def _triton_reasons(q: Tensor, k: Tensor, v: Tensor, num_heads: int) -> list[str]:
+    reasons = triton_device_reasons(q.device)
+    return reasons or _triton_kernels().unsupported_reasons(q, k, v, num_heads)
+
+
+def choose_backend(q: Tensor, k: Tensor, v: Tensor, num_heads: int, backend: str = "auto") -> str:
+    """The backend :func:`routed_attention` runs for these inputs (raises BackendError if
+    ``backend`` is forced and cannot serve them)."""
+    return select_backend(
+        "routed_attention", backend, q.device,
+        {"ref": lambda: [], "triton": lambda: _triton_reasons(q, k, v, num_heads)},
+    )
 
 
 def _check_routed_inputs(q, k, v, r_idx, r_weight, key_valid, num_heads, scale) -> None:
@@ -619,6 +640,8 @@ def _check_routed_inputs(q, k, v, r_idx, r_weight, key_valid, num_heads, scale) 
         raise ValueError(f"{op}: k must have shape ({N}, {P}, Tk, {Cqk}) like q, got {tuple(k.shape)}")
     if v.shape[:3] != k.shape[:3]:
         raise ValueError(f"{op}: v must have shape ({N}, {P}, {k.shape[2]}, C_v) like k, got {tuple(v.shape)}")
+    if k.shape[2] < 1:  # an empty softmax: CPU flash attention dies of SIGFPE on it
+        raise ValueError(f"{op}: k and v need at least one token per region (Tk >= 1), got Tk={k.shape[2]}")
     if r_idx.dim() != 3 or r_idx.shape[:2] != (N, P) or r_idx.shape[2] < 1:
         raise ValueError(f"{op}: r_idx must have shape ({N}, {P}, topk) with topk >= 1, got {tuple(r_idx.shape)}")
     if r_weight is not None:
@@ -670,7 +693,8 @@ def routed_attention(
             query must keep at least one key.
         num_heads: heads; C_qk and C_v are split head-major.
         scale: multiplies the logits (BiFormer: qk_dim ** -0.5, the full width).
-        backend: "auto" or "ref" (see :mod:`effnn.ops._dispatch`).
+        backend: "auto", "ref" or "triton" (``effnn.kernels.routing_attention``; CUDA tensors,
+            or CPU tensors under ``TRITON_INTERPRET=1``) (see :mod:`effnn.ops._dispatch`).
 
     Returns (N, P, Tq, C_v): for each head h,
     ``out[n, p, t, h] = softmax_j,s(scale * q[n, p, t, h] . k~[n, r_idx[n, p, j], s, h]) v~[...]``
@@ -681,7 +705,7 @@ def routed_attention(
         dtype = torch.get_autocast_dtype(q.device.type)
         q, k, v = (t.to(dtype) if isinstance(t, Tensor) else t for t in (q, k, v))
     _check_routed_inputs(q, k, v, r_idx, r_weight, key_valid, num_heads, scale)
-    chosen = choose_backend(q, backend)
+    chosen = choose_backend(q, k, v, num_heads, backend)
     out, _ = torch.ops.effnn.routed_attention(
         q, k, v, r_idx, r_weight, key_valid, num_heads, float(scale), chosen
     )
