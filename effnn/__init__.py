@@ -12,11 +12,14 @@ from effnn.nn import ContextBroadcast, MonarchLinear
 from effnn.nn.mod import GammaRouter, MoDBlock, MoDRouter, mod_aux_loss
 from effnn.nn.moe import FeedForward, MoE
 from effnn.nn.routing_attention import BiLevelRoutingAttention
+from effnn.nn.gblr import GaudiGBLRLinear, GBLRStructuredLinear
+from effnn.convert.linear import GBLRConfig
 from effnn.ops._dispatch import BackendError
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GaudiGBLRLinear", "GBLRStructuredLinear", "GBLRConfig",
     "BiLevelRoutingAttention",
     "GammaRouter",
     "MoDBlock",

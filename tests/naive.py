@@ -180,3 +180,48 @@ def bra_naive(x, params, *, num_heads, n_win, qk_dim, topk, scale, diff_routing=
     if "wo.weight" in params:
         out = torch.nn.functional.linear(out, params["wo.weight"], params["wo.bias"])
     return out, r_idx, r_weight
+
+
+def gaudi_mask_naive(width, location, n, sigma=None, hard=False):
+    """One Gaudi mask (n,) from the GBLR paper's definition (Lee & Kim, ICLR 2024): the inverse
+    DFT, summed term by term over all n frequencies, of the Dirichlet kernel of the boxcar of
+    width w and location l (rounded to multiples of 1/n) times the Gaussian exp(-f^2 / 2 sigma^2)
+    (sigma None: no Gaussian). ``hard``: the official eval mode (widths of one element dropped,
+    entries below 1e-3 in magnitude zeroed). Plain Python floats, no autograd."""
+    import cmath
+    import math
+
+    w = round(float(width) * n) / n
+    loc = round(float(location) * n) / n
+    if hard and abs(w) <= 1.0 / n:
+        w = 0.0
+
+    def sinc(v):
+        return 1.0 if v == 0 else math.sin(math.pi * v) / (math.pi * v)
+
+    mask = []
+    for i in range(n):
+        total = 0.0
+        for f in range(n):
+            fs = f if f <= n // 2 else f - n  # the signed frequency of DFT bin f
+            dirichlet = w * sinc(fs * w) / sinc(fs / n) * cmath.exp(-1j * math.pi * fs * (2 * loc + w - 1.0 / n))
+            gauss = 1.0 if sigma is None else math.exp(-fs * fs / (2.0 * sigma * sigma))
+            total += dirichlet * gauss * cmath.exp(2j * math.pi * f * i / n)
+        value = total.real
+        mask.append(0.0 if hard and abs(value) < 1e-3 else value)
+    return torch.tensor(mask, dtype=torch.float64)
+
+
+def gblr_linear_naive(x, widths, locations, lr_weight1, lr_weight2, bias, sigma=None, hard=False):
+    """GBLR layer from the paper: y = x W^T + b, W = sum_k diag(m_out_k) U_k V_k diag(m_in_k) with
+    U_k = lr_weight2[k] (out, r), V_k = lr_weight1[k] (r, in) and Gaudi masks from
+    :func:`gaudi_mask_naive` (row 0 of widths/locations: input columns, row 1: output rows).
+    One component at a time, float64."""
+    K, r, n = lr_weight1.shape
+    m = lr_weight2.shape[1]
+    y = torch.zeros(x.shape[0], m, dtype=torch.float64)
+    for k in range(K):
+        m_in = gaudi_mask_naive(widths[0, k], locations[0, k], n, sigma, hard)
+        m_out = gaudi_mask_naive(widths[1, k], locations[1, k], m, sigma, hard)
+        y += ((x * m_in) @ lr_weight1[k].T) @ (lr_weight2[k] * m_out[:, None]).T
+    return y if bias is None else y + bias

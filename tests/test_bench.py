@@ -68,7 +68,7 @@ def test_bench_writes_table_csv_markdown_and_plot(tmp_path, capsys):
 
 def test_unusable_backend_is_skipped_with_its_reason(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # Triton cannot serve CPU tensors then
-    args = ["bench", "--shapes", "64x64x4", "--tokens", "8", "--repeats", "1", "--modes",
+    args = ["bench", "--shapes", "monarch:64x64x4", "--tokens", "8", "--repeats", "1", "--modes",
             "forward", "--backends", "triton,ref", "--no-plot", "--out", str(tmp_path)]
     assert main(args) == 0
     out = capsys.readouterr().out
@@ -81,7 +81,8 @@ def test_unusable_backend_is_skipped_with_its_reason(tmp_path, capsys, monkeypat
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--shapes", "64x64"], "INxOUTxNBLOCKS"),
+        (["--shapes", "monarch:64x64"], "INxOUTxNBLOCKS"),
+        (["--shapes", "64x64x4"], "several layers are registered"),
         (["--layers", "nope"], "unknown layer 'nope'"),
         (["--modes", "sideways"], "--modes"),
         (["--backends", "cuda"], "--backends"),

@@ -17,10 +17,11 @@ from typing import Any, ClassVar
 
 from torch import nn
 
+from effnn.nn.gblr import GaudiGBLRLinear
 from effnn.nn.monarch import MonarchLinear
 from effnn.ops._dispatch import BACKENDS
 
-__all__ = ["MonarchConfig", "swap_linear", "config_from_dict", "config_to_dict", "config_of"]
+__all__ = ["MonarchConfig", "GBLRConfig", "swap_linear", "config_from_dict", "config_to_dict", "config_of"]
 
 _HEAD_NAMES = ("lm_head", "head", "classifier")
 
@@ -59,7 +60,58 @@ class MonarchConfig:
         return cls(nblocks=module.nblocks, init="random", backend=module.backend)
 
 
-_CONFIGS: dict[str, type] = {"MonarchConfig": MonarchConfig}
+@dataclasses.dataclass(frozen=True)
+class GBLRConfig:
+    """Swap ``nn.Linear`` for :class:`effnn.GaudiGBLRLinear` (learned structure, Lee & Kim 2024).
+
+    Args:
+        budget: with ``init="project"``, the fraction of the dense multiply-adds the initial
+            structure may cost (:meth:`GaudiGBLRLinear.from_linear`).
+        rank_per_component, num_components: as :class:`GaudiGBLRLinear` (None: min(in, out) // r).
+        sigma: the Gaussian's width; None (default) turns it off, as the official fine-tuning
+            from dense checkpoints.
+        init: "project" fits the structure and factors to the existing weight (bias copied);
+            "random" starts afresh with the official 'splr' widths (dense-equivalent cost).
+        backend: the new layers' backend.
+    """
+
+    budget: float = 0.4
+    rank_per_component: int = 1
+    num_components: int | None = None
+    sigma: float | None = None
+    init: str = "project"
+    backend: str = "auto"
+
+    module_type: ClassVar[type[nn.Module]] = GaudiGBLRLinear
+
+    def __post_init__(self) -> None:
+        if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or not 0 < self.budget <= 1:
+            raise ValueError(f"GBLRConfig: budget must be in (0, 1], got {self.budget!r}")
+        if self.init not in ("project", "random"):
+            raise ValueError(f"GBLRConfig: init must be 'project' or 'random', got {self.init!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"GBLRConfig: backend must be one of {BACKENDS}, got {self.backend!r}")
+
+    def build(self, linear: nn.Linear) -> GaudiGBLRLinear:
+        if self.init == "project":
+            return GaudiGBLRLinear.from_linear(
+                linear, self.budget, rank_per_component=self.rank_per_component,
+                num_components=self.num_components, sigma=self.sigma, backend=self.backend,
+            )
+        return GaudiGBLRLinear(
+            linear.in_features, linear.out_features, self.rank_per_component, self.num_components,
+            sigma=self.sigma, bias=linear.bias is not None, device=linear.weight.device,
+            dtype=linear.weight.dtype, backend=self.backend,
+        )
+
+    @classmethod
+    def of(cls, module: GaudiGBLRLinear) -> GBLRConfig:
+        """The config that rebuilds ``module``'s shapes (weights and sigma are loaded separately)."""
+        return cls(rank_per_component=module.rank_per_component, num_components=module.num_components,
+                   sigma=1.0 if module.gaussian else None, init="random", backend=module.backend)
+
+
+_CONFIGS: dict[str, type] = {"MonarchConfig": MonarchConfig, "GBLRConfig": GBLRConfig}
 _CONFIG_FORMAT = 1
 
 

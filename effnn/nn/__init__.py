@@ -12,6 +12,7 @@ from effnn.nn.mod import (
 )
 from effnn.nn.moe import FeedForward, MoE
 from effnn.nn.monarch import MonarchLinear
+from effnn.nn.gblr import GaudiGBLRLinear, GBLRStructuredLinear
 from effnn.nn.routing_attention import BiLevelRoutingAttention
 
-__all__ = ["GammaRouter", "KVCache", "MoDBlock", "MoDPredictor", "MoDRouter", "PreNormBlock", "mod_aux_loss", "FeedForward", "MoE", "ContextBroadcast", "MonarchLinear", "BiLevelRoutingAttention"]
+__all__ = ["GaudiGBLRLinear", "GBLRStructuredLinear", "GammaRouter", "KVCache", "MoDBlock", "MoDPredictor", "MoDRouter", "PreNormBlock", "mod_aux_loss", "FeedForward", "MoE", "ContextBroadcast", "MonarchLinear", "BiLevelRoutingAttention"]
