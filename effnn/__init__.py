@@ -12,6 +12,7 @@ from effnn.nn import ContextBroadcast, MonarchLinear
 from effnn.nn.mod import GammaRouter, MoDBlock, MoDRouter, mod_aux_loss
 from effnn.nn.moe import FeedForward, MoE
 from effnn.nn.routing_attention import BiLevelRoutingAttention
+from effnn.nn.asag import SparseAnchorGenerator, SparseAnchors, anchor_generator_loss, query_weights
 from effnn.nn.gblr import GaudiGBLRLinear, GBLRStructuredLinear
 from effnn.convert.linear import GBLRConfig
 from effnn.ops._dispatch import BackendError
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "GaudiGBLRLinear", "GBLRStructuredLinear", "GBLRConfig",
+    "SparseAnchorGenerator", "SparseAnchors", "anchor_generator_loss", "query_weights",
     "BiLevelRoutingAttention",
     "GammaRouter",
     "MoDBlock",

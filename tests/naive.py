@@ -225,3 +225,216 @@ def gblr_linear_naive(x, widths, locations, lr_weight1, lr_weight2, bias, sigma=
         m_out = gaudi_mask_naive(widths[1, k], locations[1, k], m, sigma, hard)
         y += ((x * m_in) @ lr_weight1[k].T) @ (lr_weight2[k] * m_out[:, None]).T
     return y if bias is None else y + bias
+
+
+def asag_query_weights_naive(score, iou, gamma1=0.4, gamma2=0.6):
+    """ASAG's Query Weighting for one matched query, from the paper's eq. 1-3 with the official
+    negative term (models/criterion.py, SetCriterion.get_weight): Norm(x) = sigmoid(4.5(x - 1/3)) /
+    sigmoid(3); w_pos = Norm(s^g1 IoU^g2); w_neg = Norm(s^g1 P(IoU^g2)) - Norm(0), with
+    P(x) = 1 below 0.5 else (1 - x^2) / (1 - 0.5^2)."""
+    import math
+
+    def sig(v):
+        return 1 / (1 + math.exp(-v))
+
+    def norm(v):
+        return sig(4.5 * (v - 1 / 3)) / sig(3)
+
+    q = iou ** gamma2
+    p_neg = 1.0 if q < 0.5 else (1 - q * q) / (1 - 0.25)
+    return norm(score ** gamma1 * q), norm(score ** gamma1 * p_neg) - norm(0.0)
+
+
+def _asag_nms_naive(boxes, scores, thr):
+    """Greedy NMS one box at a time (torchvision semantics: drop IoU > thr)."""
+    order = sorted(range(len(scores)), key=lambda i: -float(scores[i]))
+    keep = []
+    for i in order:
+        ok = True
+        for j in keep:
+            lt = torch.maximum(boxes[i, :2], boxes[j, :2])
+            rb = torch.minimum(boxes[i, 2:], boxes[j, 2:])
+            inter = (rb - lt).clamp(min=0).prod()
+            area = lambda b: (b[2] - b[0]) * (b[3] - b[1])  # noqa: E731
+            if inter / (area(boxes[i]) + area(boxes[j]) - inter) > thr:
+                ok = False
+                break
+        if ok:
+            keep.append(i)
+    return keep
+
+
+def asag_generator_naive(params, features, image_sizes, *, num_pred_anchor1=50, num_pred_anchor2=20,
+                         patch_size=15, stride=(8, 16, 32), threshold1=0.7, threshold2=0.1,
+                         nms_threshold=0.25, use_anchor_threshold=0.1, used_inference_level="P3P6",
+                         activation="gelu", min_anchor=5, max_anchor=200):
+    """The official ASAG ``AnchorGenerator.forward`` in eval mode (models/anchor_generator.py),
+    run on each image alone, one patch at a time, from official parameter names. Each image's maps
+    are cut to its valid region ceil(size / stride) first (the image alone, unpadded); compressed
+    maps smaller than a patch are zero-padded (the official code crashes there). Returns per image
+    a list of (cx, cy, w, h, conf, level) rows in output order."""
+    F = torch.nn.functional
+    act = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}[activation]
+
+    def mlp(name, t):
+        for i in range(3):
+            t = F.linear(t, params[f"{name}.layers.{i}.weight"], params[f"{name}.layers.{i}.bias"])
+            if i < 2:
+                t = act(t)
+        return t
+
+    def compress(level, x):
+        h = act(F.conv2d(x, params[f"compress.{level}.0.weight"], params[f"compress.{level}.0.bias"]))
+        return F.conv2d(h, params[f"compress.{level}.2.weight"], params[f"compress.{level}.2.bias"], padding=1)
+
+    def head(patch, idx, name, k):  # patch (C, n, n) -> (k, 5): sigmoid box, raw logit
+        t = patch.flatten(1).T
+        t = F.layer_norm(t, t.shape, params[f"layernorm.{idx}.weight"], params[f"layernorm.{idx}.bias"])
+        t = t + params[f"pos_embedding.{idx}.weight"]
+        out = mlp(name, t.flatten()).view(k, 5)
+        return torch.cat([torch.sigmoid(out[:, :4]), out[:, 4:]], 1)
+
+    results = []
+    for b, (h, w) in enumerate(image_sizes):
+        whwh = torch.tensor([w, h, w, h], dtype=features[0].dtype)
+        maps = []
+        for level, (f, s) in enumerate(zip(features, stride, strict=True)):
+            hh, ww = -(-h // s), -(-w // s)  # ceil
+            maps.append(compress(level, f[b:b + 1, :, :hh, :ww])[0])
+        c5 = maps[2]
+        r5h = max(int(torch.round(torch.tensor(h / stride[2]))), 1)
+        r5w = max(int(torch.round(torch.tensor(w / stride[2]))), 1)
+        interp = F.interpolate(c5[None, :, :r5h, :r5w], size=(30, 30), mode="bilinear")[0]
+        p6 = F.conv2d(F.relu(interp)[None], params["P6.weight"], params["P6.bias"], stride=2, padding=2, dilation=2)[0]
+        anchors = []  # current stage: list of (cx, cy, w, h, conf, level)
+        for r0, c0 in [(0, 0), (0, 15), (15, 0), (15, 15)]:
+            pred = head(interp[:, r0:r0 + 15, c0:c0 + 15], 0, "proj_all", num_pred_anchor1)
+            for a in pred:
+                box = a[:4] * 0.5 + torch.tensor([c0 / 30, r0 / 30, 0, 0], dtype=a.dtype)
+                anchors.append([*(box * whwh).tolist(), float(torch.sigmoid(a[4])), 5])
+        for a in head(p6, 0, "proj_all", num_pred_anchor1):
+            anchors.append([*(a[:4] * whwh).tolist(), float(torch.sigmoid(a[4])), 6])
+        for a in anchors:
+            if a[2] < 3 or a[3] < 3:
+                a[4] = 0.0
+        output = []
+        fixed = True
+        stop = {"P5P6": 1, "P4P6": 2, "P3P6": 3}[used_inference_level]
+        for i in (1, 2):
+            if stop == i:
+                break
+            s = stride[2 - i]
+            half = s * patch_size / 2
+            sel = [threshold2 < a[4] < threshold1 and a[3] < half and a[2] < half for a in anchors]
+            if not any(sel):
+                break
+            chosen = [a for a, m in zip(anchors, sel, strict=True) if m]
+            pboxes = torch.tensor([[a[0] - s * patch_size / 2, a[1] - s * patch_size / 2,
+                                    a[0] + s * patch_size / 2, a[1] + s * patch_size / 2] for a in chosen],
+                                  dtype=features[0].dtype)
+            keep = _asag_nms_naive(pboxes, [a[4] for a in chosen], nms_threshold)
+            crops = []
+            for j in keep:
+                c = (pboxes[j, :2] + pboxes[j, 2:]) / 2 / s
+                pos = torch.floor(c - patch_size / 2)
+                lim = torch.ceil(torch.tensor([w, h], dtype=c.dtype) / s)
+                pos = pos + (lim - (pos + patch_size)).clamp(max=0)
+                crops.append(pos.clamp(min=0).long().tolist())
+            emit = [a for a, m in zip(anchors, sel, strict=True) if a[4] > use_anchor_threshold and not m]
+            if fixed and len(emit) < min_anchor:
+                emit = sorted(anchors, key=lambda a: -a[4])[:min_anchor]
+            output += emit
+            cmap = maps[2 - i]
+            new = []
+            for x0, y0 in crops:
+                need_h, need_w = y0 + patch_size, x0 + patch_size
+                padded = torch.zeros(cmap.shape[0], max(need_h, cmap.shape[1]), max(need_w, cmap.shape[2]), dtype=cmap.dtype)
+                padded[:, :cmap.shape[1], :cmap.shape[2]] = cmap
+                pred = head(padded[:, y0:need_h, x0:need_w], i, "proj_patch", num_pred_anchor2)
+                for a in pred:
+                    gw, gh = w / s, h / s
+                    cx = a[0] * (patch_size / gw) + x0 / gw
+                    cy = a[1] * (patch_size / gh) + y0 / gh
+                    bw, bh = a[2] * (patch_size / gw), a[3] * (patch_size / gh)
+                    conf = float(torch.sigmoid(a[4]))
+                    if cx >= 1 or cy >= 1:
+                        conf = 0.0
+                    box = [float(cx * w), float(cy * h), float(bw * w), float(bh * h)]
+                    if box[2] < 3 or box[3] < 3:
+                        conf = 0.0
+                    new.append([*box, conf, 4 if i == 1 else 3])
+            anchors = new
+            fixed = False
+        emit = [a for a in anchors if a[4] > use_anchor_threshold]
+        if fixed and len(emit) < min_anchor:
+            emit = sorted(anchors, key=lambda a: -a[4])[:min_anchor]
+        output += emit
+        if len(output) > max_anchor:
+            output = sorted(output, key=lambda a: -a[4])[:max_anchor]
+        results.append(output)
+    return results
+
+
+def asag_anchor_loss_naive(groups, area_weight=4.0, gamma1=0.4, gamma2=0.6):
+    """The generator's criterion (official models/criterion.py: AnchorHungarianMatcher, get_weight
+    "anchor", quality_focal_loss_with_ignore, loss_anchor_boxes), one patch and one slot at a time,
+    with brute-force matching. ``groups``: list of (patches, inverse, scale) where patches is a list
+    of (pred (K, 5) sigmoid boxes + logit, targets (G, 4) in patch coordinates). Returns the sums
+    (ce, l1, giou), each group times its scale (the caller divides by the number of GT)."""
+    import itertools
+    import math
+
+    def xyxy(b):
+        return [b[0] - b[2] / 2, b[1] - b[3] / 2, b[0] + b[2] / 2, b[1] + b[3] / 2]
+
+    def iou_giou(a, b):
+        a, b = xyxy(a), xyxy(b)
+        iw = max(min(a[2], b[2]) - max(a[0], b[0]), 0)
+        ih = max(min(a[3], b[3]) - max(a[1], b[1]), 0)
+        inter = iw * ih
+        union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+        hull = (max(a[2], b[2]) - min(a[0], b[0])) * (max(a[3], b[3]) - min(a[1], b[1]))
+        return inter / union, inter / union - (hull - union) / hull
+
+    def sig(v):
+        return 1 / (1 + math.exp(-v))
+
+    def bce(x, y):  # BCE with logits
+        return max(x, 0) - x * y + math.log1p(math.exp(-abs(x)))
+
+    def area_w(t, inverse):
+        r = math.sqrt(t[2] * t[3])
+        return (area_weight - 1) * r + 1 if inverse else area_weight - r * (area_weight - 1)
+
+    ce = l1 = giou_sum = 0.0
+    for patches, inverse, scale in groups:
+        for pred_t, tg_t in patches:
+            pred, tg = pred_t.tolist(), tg_t.tolist()
+            K, G = len(pred), len(tg)
+
+            def cost(k, g, pred=pred, tg=tg, inverse=inverse):
+                p = sig(pred[k][4])
+                c_cls = 0.25 * (1 - p) ** 2 * -math.log(p + 1e-8) - 0.75 * p ** 2 * -math.log(1 - p + 1e-8)
+                c_l1 = sum(abs(pred[k][d] - tg[g][d]) for d in range(4))
+                return (5 * c_l1 + 2 * c_cls - 2 * iou_giou(pred[k][:4], tg[g])[1]) * area_w(tg[g], inverse)
+
+            best, match = float("inf"), []
+            for slots in itertools.permutations(range(K), min(K, G)):
+                for gts in itertools.combinations(range(G), min(K, G)):
+                    c = sum(cost(k, g) for k, g in zip(slots, gts, strict=True))
+                    if c < best:
+                        best, match = c, list(zip(slots, gts, strict=True))
+            matched = dict(match)
+            for k in range(K):
+                p = sig(pred[k][4])
+                if k in matched:
+                    t = tg[matched[k]]
+                    iou, giou = iou_giou(pred[k][:4], t)
+                    a = area_w(t, inverse)
+                    ce += scale * bce(pred[k][4], iou) * abs(iou - p) ** 2 * a
+                    w = sig(4.5 * (p ** gamma1 * iou ** gamma2 - 1 / 3)) / sig(3)
+                    l1 += scale * sum(abs(pred[k][d] - t[d]) for d in range(4)) * w * a
+                    giou_sum += scale * (1 - giou) * w * a
+                elif not any(iou_giou(pred[k][:4], t)[0] >= 0.5 for t in tg):
+                    ce += scale * bce(pred[k][4], 0.0) * p ** 2
+    return ce, l1, giou_sum

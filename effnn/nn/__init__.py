@@ -14,5 +14,6 @@ from effnn.nn.moe import FeedForward, MoE
 from effnn.nn.monarch import MonarchLinear
 from effnn.nn.gblr import GaudiGBLRLinear, GBLRStructuredLinear
 from effnn.nn.routing_attention import BiLevelRoutingAttention
+from effnn.nn.asag import SparseAnchorGenerator, SparseAnchors
 
-__all__ = ["GaudiGBLRLinear", "GBLRStructuredLinear", "GammaRouter", "KVCache", "MoDBlock", "MoDPredictor", "MoDRouter", "PreNormBlock", "mod_aux_loss", "FeedForward", "MoE", "ContextBroadcast", "MonarchLinear", "BiLevelRoutingAttention"]
+__all__ = ["GaudiGBLRLinear", "GBLRStructuredLinear", "GammaRouter", "KVCache", "MoDBlock", "MoDPredictor", "MoDRouter", "PreNormBlock", "mod_aux_loss", "FeedForward", "MoE", "ContextBroadcast", "MonarchLinear", "BiLevelRoutingAttention", "SparseAnchorGenerator", "SparseAnchors"]
