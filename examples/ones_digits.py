@@ -12,7 +12,8 @@ fraction of the MoE's benefit over the dense model that the student keeps,
 61.7% on ImageNet in the paper. This example, for each seed:
 
 1. trains a dense ViT and an MoE-ViT (each block's MLP an ``effnn.MoE`` of 8 experts of the
-   MLP's shape, top-2; all else equal and identically initialised) on the digits training split;
+   MLP's shape, top-2; all else equal and identically initialised) on the digits training split,
+   each batch moved by random 1-pixel shifts;
 2. for each gathering method, and for a control whose FFNs are freshly initialised ("none": plain
    distillation into the dense shape, no gathering), builds the student with
    ``effnn.gather_all_experts``, measures it right after gathering, distils it from the MoE
@@ -21,8 +22,13 @@ fraction of the MoE's benefit over the dense model that the student keeps,
    fraction of both, and the CPU inference speed of the gathered ViT against the MoE-ViT
    (interleaved runs, median of the per-run ratios).
 
-The benefit is small on this small dataset (about half a point of accuracy: two or three of the
-450 test images), so the preserved fraction of accuracy is noisy; the NLL is the steadier measure.
+The regime matters. An MoE adds capacity, which pays only when the dense model lacks it: with a
+32-wide ViT on the plain 1,347 training images the dense model already reaches about 97.8% and
+the MoE-ViT is no better (0.6 points worse over 5 seeds), so there is no benefit to preserve.
+The defaults therefore use a 16-wide ViT trained on randomly shifted images (fresh shifts every
+batch, tested on the unshifted test split), where the dense model underfits and the MoE's extra
+experts give a consistent gain. The gain is still a few test images, so the preserved fraction
+of accuracy is noisy; the NLL is the steadier measure.
 
 Run it (about 5 minutes on 2 busy cores; nothing is downloaded)::
 
@@ -53,7 +59,7 @@ METHODS = ("sum", "avg", "topk", "svd", "none")
 @dataclass(frozen=True)
 class Config:
     patch_size: int = 4  # 4 patches of 4x4 pixels + the class token
-    embed_dim: int = 32
+    embed_dim: int = 16  # narrow on purpose: the dense ViT underfits, so extra experts can pay
     depth: int = 2
     num_heads: int = 2
     mlp_ratio: float = 1.0
@@ -66,7 +72,8 @@ class Config:
     distil_epochs: int = 20
     batch_size: int = 64
     lr: float = 1e-2
-    weight_decay: float = 0.05
+    weight_decay: float = 0.0
+    shift: int = 1  # training images are moved by up to this many pixels (fresh every batch)
     temperature: float = 1.0
     alpha: float = 0.5
 
@@ -120,6 +127,19 @@ def build_vit(cfg: Config, moe: bool, seed: int) -> VisionTransformer:
     return model
 
 
+def random_shift(x: Tensor, pixels: int, generator: torch.Generator) -> Tensor:
+    """Each image moved by an independent random offset in [-pixels, pixels]^2, the uncovered
+    border filled with the background value (the minimum)."""
+    if pixels == 0:
+        return x
+    n, size = len(x), x.shape[-1]
+    padded = F.pad(x, (pixels,) * 4, value=float(x.min()))
+    offset = torch.randint(0, 2 * pixels + 1, (n, 2), generator=generator)
+    rows = (offset[:, :1] + torch.arange(size))[:, :, None].expand(n, size, size)
+    cols = (offset[:, 1:] + torch.arange(size))[:, None, :].expand(n, size, size)
+    return padded[torch.arange(n)[:, None, None], 0, rows, cols].unsqueeze(1)
+
+
 def aux_loss(model: nn.Module) -> Tensor:
     """The sum of the load-balancing losses of the model's MoE layers in the last forward."""
     losses = [m.aux_loss for m in model.modules() if isinstance(m, effnn.MoE) and m.aux_loss is not None]
@@ -147,7 +167,7 @@ def train(model: nn.Module, data: Data, cfg: Config, seed: int, epochs: int | No
     model.train()
     for _ in range(epochs):
         for idx in _batches(n, cfg.batch_size, g):
-            logits = model(data.x_train[idx])
+            logits = model(random_shift(data.x_train[idx], cfg.shift, g))
             loss = F.cross_entropy(logits, data.y_train[idx]) + cfg.aux_coef * aux_loss(model)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -167,10 +187,11 @@ def distil(student: nn.Module, teacher: nn.Module, data: Data, cfg: Config, seed
     student.train()
     for _ in range(epochs):
         for idx in _batches(n, cfg.batch_size, g):
+            x = random_shift(data.x_train[idx], cfg.shift, g)
             with torch.no_grad():
-                teacher_logits = teacher(data.x_train[idx])
+                teacher_logits = teacher(x)
             loss = effnn.distillation_loss(
-                student(data.x_train[idx]), teacher_logits, data.y_train[idx],
+                student(x), teacher_logits, data.y_train[idx],
                 temperature=cfg.temperature, alpha=cfg.alpha,
             )
             opt.zero_grad(set_to_none=True)

@@ -326,9 +326,10 @@ def test_example_shortened_run():
         s = ex.speedup(moe, student, data.x_test[:64], repeats=3)
     finally:
         torch.set_num_threads(threads)
-    # both models learned the task (10 classes: chance is 0.1) and so did the distilled students
-    assert min(result.dense[0], result.moe[0]) > 0.8, result
-    assert min(acc for acc, _ in result.distilled.values()) > 0.8, result
+    # 8 epochs of the narrow ViT on shifted digits reach about 0.5 (the full run: 0.88); chance is
+    # 0.1: both models are learning, and so are the distilled students
+    assert min(result.dense[0], result.moe[0]) > 0.4, result
+    assert min(acc for acc, _ in result.distilled.values()) > 0.4, result
     table = ex.report([result], ("avg", "none"))
     assert "| avg |" in table and "| none |" in table
     assert s["moe_ms"] > 0 and s["dense_ms"] > 0 and s["speedup"] > 0
