@@ -182,6 +182,49 @@ def bra_naive(x, params, *, num_heads, n_win, qk_dim, topk, scale, diff_routing=
     return out, r_idx, r_weight
 
 
+def exponential_split_naive(rel, a):
+    """SphereFormer's range bins from the definition: bin widths a, a, 2a, 2a, 4a, 4a, ... from 0
+    ("the split length doubles once used twice"); bin b of |rel| -> b for rel >= 0, -b-1 else."""
+    edges = [0.0]
+    while edges[-1] <= rel.abs().max().item():
+        edges.append(edges[-1] + a * 2 ** ((len(edges) - 1) // 2))
+    mag_bin = (rel.abs()[..., None] >= torch.tensor(edges[1:], dtype=rel.dtype)).sum(-1)
+    return torch.where(rel >= 0, mag_bin, -mag_bin - 1)
+
+
+def window_attention_naive(q, k, v, coords, batch, window_size, scale, origin="fixed", tables=None,
+                           quant_size=None, exp_split_a=None):
+    """Window attention over all pairs with a dense mask (sptr's sparse_self_attention semantics):
+    points i, j attend iff same cloud and same cell floor((s - origin) / w) on every axis; scores
+    scale*q_i.k_j + scale*q_i.sum_a Tq[idx_a] + k_j.sum_a Tk[idx_a]; out_i = sum_j p_ij (v_j +
+    sum_a Tv[idx_a]). idx_a = c_i - c_j + L - 1 with c = floor(((s - origin) mod w) / quant), or for
+    the third axis with exp_split_a: clamp(exponential split of r_i - r_j + L, 0, 2L - 1)."""
+    N, h, d = q.shape
+    w = torch.tensor(window_size, dtype=coords.dtype)
+    o = coords.min(0).values if origin == "batch_min" else torch.zeros(3, dtype=coords.dtype)
+    cell = torch.floor((coords - o) / w)
+    same = (batch[:, None] == batch[None, :]) & (cell[:, None, :] == cell[None, :, :]).all(-1)
+    scores = scale * torch.einsum("ihd,jhd->hij", q, k)
+    vals = v[None].expand(N, N, h, d).clone()  # vals[i, j] = v_j (+ value table rows)
+    if tables is not None:
+        Tq, Tk, Tv = tables
+        L = int((window_size[0] + 1e-4) / quant_size[0])
+        qs = torch.tensor(quant_size, dtype=coords.dtype)
+        code = torch.floor(torch.remainder(coords - o, w) / qs).clamp(0, L - 1).long()
+        idx = code[:, None, :] - code[None, :, :] + L - 1  # (N, N, 3)
+        if exp_split_a is not None:
+            r = coords[:, 2]
+            idx[..., 2] = (exponential_split_naive(r[:, None] - r[None, :], exp_split_a) + L).clamp(0, 2 * L - 1)
+        for a in range(3):
+            tq, tk, tv = Tq[idx[..., a], a], Tk[idx[..., a], a], Tv[idx[..., a], a]  # (N, N, h, d)
+            scores = scores + scale * torch.einsum("ihd,ijhd->hij", q, tq)
+            scores = scores + torch.einsum("jhd,ijhd->hij", k, tk)
+            vals = vals + tv
+    scores = scores.masked_fill(~same, float("-inf"))
+    p = torch.softmax(scores, -1)
+    return torch.einsum("hij,ijhd->ihd", p, vals)
+
+
 def gaudi_mask_naive(width, location, n, sigma=None, hard=False):
     """One Gaudi mask (n,) from the GBLR paper's definition (Lee & Kim, ICLR 2024): the inverse
     DFT, summed term by term over all n frequencies, of the Dirichlet kernel of the boxcar of

@@ -1,6 +1,8 @@
 """nn.Modules: parameters, input validation and one op call each."""
 
+from effnn.nn.asag import SparseAnchorGenerator, SparseAnchors
 from effnn.nn.broadcast import ContextBroadcast
+from effnn.nn.gblr import GaudiGBLRLinear, GBLRStructuredLinear
 from effnn.nn.mod import (
     GammaRouter,
     KVCache,
@@ -12,8 +14,7 @@ from effnn.nn.mod import (
 )
 from effnn.nn.moe import FeedForward, MoE
 from effnn.nn.monarch import MonarchLinear
-from effnn.nn.gblr import GaudiGBLRLinear, GBLRStructuredLinear
+from effnn.nn.radial_window import RadialWindowAttention, SphereFormerAttention
 from effnn.nn.routing_attention import BiLevelRoutingAttention
-from effnn.nn.asag import SparseAnchorGenerator, SparseAnchors
 
-__all__ = ["GaudiGBLRLinear", "GBLRStructuredLinear", "GammaRouter", "KVCache", "MoDBlock", "MoDPredictor", "MoDRouter", "PreNormBlock", "mod_aux_loss", "FeedForward", "MoE", "ContextBroadcast", "MonarchLinear", "BiLevelRoutingAttention", "SparseAnchorGenerator", "SparseAnchors"]
+__all__ = ["GaudiGBLRLinear", "GBLRStructuredLinear", "GammaRouter", "KVCache", "MoDBlock", "MoDPredictor", "MoDRouter", "PreNormBlock", "mod_aux_loss", "FeedForward", "MoE", "ContextBroadcast", "MonarchLinear", "BiLevelRoutingAttention", "RadialWindowAttention", "SphereFormerAttention", "SparseAnchorGenerator", "SparseAnchors"]
