@@ -6,11 +6,13 @@
   projections), dense or Monarch (Monarch paper, Table 2).
 - :func:`biformer_tiny`, :func:`biformer_small`, :func:`biformer_base`: BiFormer (official
   parameter names), classifiers or multi-scale backbones (``features_only=True``).
+- :func:`vit_base_patch16_224_gblr`: GBLR ViT-B/16 (Lee & Kim, ICLR 2024; official module layout).
 
 The Monarch configurations and how they compare with the paper's tables are in docs/models.md.
 """
 
 from effnn.models.biformer import BiFormer, biformer_base, biformer_small, biformer_tiny
+from effnn.models.gblr_vit import GBLRVisionTransformer, vit_base_patch16_224_gblr
 from effnn.models.gpt2 import (
     GPT2_MONARCH_PRESETS,
     GPT2LMHeadModel,
@@ -22,6 +24,7 @@ from effnn.models.vit import VIT_MONARCH_PRESETS, VisionTransformer, vit_base_pa
 
 __all__ = [
     "BiFormer",
+    "GBLRVisionTransformer",
     "GPT2LMHeadModel",
     "GPT2_MONARCH_PRESETS",
     "VIT_MONARCH_PRESETS",
@@ -33,4 +36,5 @@ __all__ = [
     "gpt2_medium",
     "gpt2_small",
     "vit_base_patch16_224",
+    "vit_base_patch16_224_gblr",
 ]

@@ -38,6 +38,7 @@ __all__ = [
     "mean_shift_widths",
     "mean_width",
     "model_macs",
+    "official_complexity",
     "soft_shrink_widths",
 ]
 
@@ -84,8 +85,23 @@ class SigmaSchedule:
         return f"SigmaSchedule({self.sigma_init:g} -> {self.sigma_final:g}, start={self.start}, end={self.end})"
 
 
+def _full(t: Tensor) -> Tensor:
+    """An FSDP2-sharded parameter (DTensor) as the whole tensor, the same on every rank; other
+    tensors as they are. The width statistics and updates need whole rows."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _assign(param: Tensor, value: Tensor) -> None:
+    """param <- value (a whole tensor, the same on every rank); a DTensor keeps its own shard."""
+    if hasattr(param, "full_tensor"):
+        from torch.distributed.tensor import distribute_tensor
+
+        value = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
+    param.copy_(value)
+
+
 def _layer_mean_width(layer: GaudiGBLRLinear) -> Tensor:
-    w = layer.widths
+    w = _full(layer.widths)
     return (((w[0:1] * w[1:2]) > 0).to(w.dtype) * w).mean()
 
 
@@ -149,9 +165,11 @@ def soft_shrink_widths(
     for layer in layers:
         if not layer.widths.requires_grad:
             continue
+        widths = _full(layer.widths).clone()
         for row in (0, 1):
-            shrunk = F.softshrink(layer.widths[row], lambd) if lambd > 0 else layer.widths[row]
-            layer.widths[row] = shrunk.clamp(min_widths[row], max_widths[row])
+            shrunk = F.softshrink(widths[row], lambd) if lambd > 0 else widths[row]
+            widths[row] = shrunk.clamp(min_widths[row], max_widths[row])
+        _assign(layer.widths, widths)
         layer.locations.sub_(layer.locations.floor())
         if freeze and lambd == 0:
             layer.widths.requires_grad_(False)
@@ -255,3 +273,79 @@ def model_macs(model: nn.Module, *inputs, **kwargs) -> int:
             total += vectors[id(layer)] * layer.macs_per_token() - int(inside[id(layer)]) // 2
     return int(total)
 
+
+def official_complexity(model: nn.Module, *inputs, num_tokens: int | None = None, **kwargs) -> int:
+    """The official complexity of a GBLR ViT (``src/utils/flops.py::profile_fvcore_sinc_gaussian``,
+    logged as ``flop_ratio`` = this / ``baseline_complexity``), in multiply-adds.
+
+    It is the sum, over the *leaf* modules of ``model`` (those without children), of:
+
+    - a :class:`GaudiGBLRLinear`: ``num_tokens * macs_per_token()`` (``get_num_params``; its masks
+      are the current mode's at the current sigma; the official callback runs in eval mode), whether
+      or not it ran; then, as the official code, an ``fc2`` and its sibling ``fc1`` both count 0 if
+      either does, and ``q_proj``, ``k_proj`` count 0 if their sibling ``v_proj`` does;
+    - any other leaf: its own cost in ``model(*inputs, **kwargs)`` (run once, without
+      gradients), as fvcore's ``by_module()`` gives it for the leaves of a ViT: matrix products
+      and convolutions as ``FlopCounterMode`` counts them, halved (1 per multiply-add, no bias
+      adds: fvcore's count of ``nn.Linear`` and ``nn.Conv2d``), plus 5 per input element of an
+      ``nn.LayerNorm`` with a weight (4 without; fvcore's estimate); activations, dropout,
+      softmax and element-wise ops 0.
+
+    Ops that a non-leaf module runs itself are not counted, as in the official sum: in a ViT the
+    attention products QK^T and attention x V (in the attention module's forward), the class-token
+    concatenation and the position-embedding add. ``num_tokens`` defaults to
+    ``model.patch_embed.num_patches`` (196 for ViT-B/16: the class token is not counted for GBLR
+    layers, while dense leaves such as ``attn.proj`` process all 197 tokens). The official code's
+    other branch (token-mixing layers of an MLP-Mixer, counted per feature) is not reproduced.
+    """
+    if num_tokens is None:
+        num_tokens = getattr(getattr(model, "patch_embed", None), "num_patches", None)
+        if num_tokens is None:
+            raise ValueError("official_complexity: num_tokens not given and model.patch_embed.num_patches not found")
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1:
+        raise ValueError(f"official_complexity: num_tokens must be a positive int, got {num_tokens!r}")
+    counter = FlopCounterMode(display=False)
+    counts: dict[str, int] = {}
+    handles = []
+
+    def hooks(name: str):
+        start: list[int] = []
+
+        def before(module, args):
+            start.append(counter.get_total_flops())
+
+        def after(module, args, output):
+            own = (counter.get_total_flops() - start.pop()) // 2
+            if isinstance(module, nn.LayerNorm):
+                own += (5 if module.weight is not None else 4) * args[0].numel()
+            counts[name] = counts.get(name, 0) + own
+
+        return before, after
+
+    gblr = {}
+    for name, module in model.named_modules():
+        if isinstance(module, GaudiGBLRLinear):
+            gblr[name] = module
+        elif next(module.children(), None) is None:
+            before, after = hooks(name)
+            handles.append(module.register_forward_pre_hook(before))
+            handles.append(module.register_forward_hook(after))
+    try:
+        with torch.no_grad(), counter:
+            model(*inputs, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    for name, layer in gblr.items():
+        counts[name] = num_tokens * layer.macs_per_token()
+    for name in gblr:
+        parent, _, leaf = name.rpartition(".")
+        sibling = f"{parent}.{{}}" if parent else "{}"
+        if leaf == "fc2" and sibling.format("fc1") in counts:
+            if counts[name] == 0 or counts[sibling.format("fc1")] == 0:
+                counts[name] = counts[sibling.format("fc1")] = 0
+        if leaf == "v_proj" and counts[name] == 0:
+            for other in ("q_proj", "k_proj"):
+                if sibling.format(other) in counts:
+                    counts[sibling.format(other)] = 0
+    return int(sum(counts.values()))
