@@ -61,10 +61,13 @@ class WindowAttention(nn.Module):
             x = F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))
         a, b = Hp // w, Wp // w
         xw = x.view(N, a, w, b, w, C).permute(0, 1, 3, 2, 4, 5).reshape(N * a * b, w * w, C)
-        qkv = self.qkv.qkv(xw).view(N * a * b, w * w, 3, m, C // m).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        # unbind, as timm's Swin: its backward is one stack, where three indexings cost a zeroed
+        # 3C-wide buffer and a copy each
+        qkv = self.qkv.qkv(xw).view(N * a * b, w * w, 3, m, C // m)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v)
         out = out.transpose(1, 2).reshape(N, a, b, w, w, C).permute(0, 1, 3, 2, 4, 5)
-        v = qkv[2].transpose(1, 2).reshape(N, a, b, w, w, C).permute(0, 1, 3, 2, 4, 5)
+        v = v.transpose(1, 2).reshape(N, a, b, w, w, C).permute(0, 1, 3, 2, 4, 5)
         lepe = self.lepe(v.reshape(N, Hp, Wp, C).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         y = self.wo((lepe.reshape(out.shape) + out).reshape(N, Hp, Wp, C))
         return y[:, :H, :W].contiguous() if (Hp, Wp) != (H, W) else y

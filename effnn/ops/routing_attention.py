@@ -29,9 +29,10 @@ local context enhancement, output projection) that ``effnn.BiLevelRoutingAttenti
 The reference backend never builds the official code's buffers: its ``torch.gather`` from a
 view expanded to (N, P, P, T, C) materialises a copy of the routed keys and values per query region
 and, in the backward, a dense zero buffer of P times the K/V size. Here the routed regions are
-picked with ``index_select`` from region-major keys and values (backward: ``index_add``), the copy
-lives only inside the forward and inside the backward (autograd keeps q, k, v, the output and the
-log-sum-exp), and the attention itself runs on PyTorch's fused CPU flash-attention kernels.
+picked with ``index_select`` from region-major keys and values (backward: ``index_add``; one copy
+for both when they are channel slices of the layer's one projection), the copy lives only inside
+the forward and inside the backward (autograd keeps q, k, v, the output and the log-sum-exp), and
+the attention itself runs on PyTorch's fused CPU flash-attention kernels.
 """
 
 from __future__ import annotations
@@ -331,6 +332,30 @@ def _gather(x: Tensor, flat: Tensor, topk: int) -> Tensor:
     return x.reshape(N * P, T, C).index_select(0, flat).view(N * P, topk * T, C)
 
 
+def _side_by_side(k: Tensor, v: Tensor) -> Tensor | None:
+    """k and v as one (N, P, Tk, C_qk + C_v) view when v's channels directly follow k's in one
+    buffer (the layer's fused projection), else None."""
+    if (
+        k.dtype != v.dtype
+        or k.stride() != v.stride()
+        or k.stride(-1) != 1
+        or k.untyped_storage().data_ptr() != v.untyped_storage().data_ptr()
+        or v.data_ptr() != k.data_ptr() + k.shape[-1] * k.element_size()
+    ):
+        return None
+    return k.as_strided((*k.shape[:3], k.shape[3] + v.shape[3]), k.stride())
+
+
+def _gather_kv(k: Tensor, v: Tensor, flat: Tensor, topk: int) -> tuple[Tensor, Tensor]:
+    """:func:`_gather` of k and v; one copy (whose channel slices are returned) when they lie side
+    by side in memory: one pass over the routed rows instead of two."""
+    kv = _side_by_side(k, v)
+    if kv is None:
+        return _gather(k, flat, topk), _gather(v, flat, topk)
+    kv = _gather(kv, flat, topk)
+    return kv[..., : k.shape[-1]], kv[..., k.shape[-1]:]
+
+
 def _scatter_add(grad: Tensor, flat: Tensor, like: Tensor) -> Tensor:
     """The backward of :func:`_gather`: (N*P, topk*T, C) -> (N, P, T, C) summed per region."""
     N, P, T, C = like.shape
@@ -396,7 +421,7 @@ def routed_attention_ref(
         lse = lse.view(N, num_heads, P, Tq).transpose(1, 2)
     else:
         flat = _flat_index(r_idx)
-        ks, vs = _gather(k, flat, topk), _gather(v, flat, topk)
+        ks, vs = _gather_kv(k, v, flat, topk)
         if r_weight is not None:
             ks, vs = _weighted(ks, r_weight, topk), _weighted(vs, r_weight, topk)
         out, lse = _attend(
@@ -447,7 +472,7 @@ def routed_attention_backward_ref(
             no_weight_grad,
         )
     flat = _flat_index(r_idx)
-    ks_raw, vs_raw = _gather(k, flat, topk), _gather(v, flat, topk)
+    ks_raw, vs_raw = _gather_kv(k, v, flat, topk)
     ks, vs = ks_raw, vs_raw
     if r_weight is not None:
         ks, vs = _weighted(ks_raw, r_weight, topk), _weighted(vs_raw, r_weight, topk)
@@ -468,8 +493,8 @@ def routed_attention_backward_ref(
     grad_weight = no_weight_grad
     if need_weight_grad:
         dtype = torch.promote_types(q.dtype, torch.float32)
-        grad_weight = (dks.to(dtype) * ks_raw.view(dks.shape)).sum(-1)
-        grad_weight += (dvs.to(dtype) * vs_raw.view(dvs.shape)).sum(-1)
+        grad_weight = (dks.to(dtype) * ks_raw.reshape(dks.shape)).sum(-1)
+        grad_weight += (dvs.to(dtype) * vs_raw.reshape(dvs.shape)).sum(-1)
         grad_weight = grad_weight.view(N, P, topk).to(r_weight.dtype)
         del ks_raw, vs_raw
     if r_weight is not None:
@@ -740,13 +765,6 @@ def _downsample_kv(x: Tensor, grid: RegionGrid, mode: str, kv_per_win: int, rati
     return t.permute(0, 2, 3, 1).reshape(N, P, -1, C)
 
 
-def _project(x: Tensor, weight: Tensor, bias: Tensor | None, start: int, stop: int | None,
-             keep: Tensor | None) -> Tensor:
-    """Rows ``start:stop`` of the fused projection; times ``keep`` (zeroes padded tokens)."""
-    t = F.linear(x, weight[start:stop], None if bias is None else bias[start:stop])
-    return t if keep is None else t * keep
-
-
 def bi_level_routing_attention(
     x: Tensor,
     qkv_weight: Tensor,
@@ -806,15 +824,16 @@ def bi_level_routing_attention(
         if mode == "masked":
             key_valid, region_valid = valid, counts > 0
 
-    # The row blocks of the one official weight are projected separately, so q, k and v come out
-    # contiguous (the routed regions are then copied with a plain row gather), and each region
-    # mean is taken right after its projection, while the projection's output is still in cache.
-    q = _project(xr, qkv_weight, qkv_bias, 0, qk_dim, keep)
-    q_region = region_means(q, counts)
-    k = _project(xr, qkv_weight, qkv_bias, qk_dim, 2 * qk_dim, keep)
-    k_region = region_means(k, counts)
-    v = _project(xr, qkv_weight, qkv_bias, 2 * qk_dim, None, keep)
+    # One matmul for q, k and v, as the official fused ``qkv``: q, k and v are channel slices of
+    # its output, so the routed attention gathers k and v together (one ``index_select``) and
+    # autograd joins their gradients with one ``cat`` and one matmul for the input's gradient.
+    qkv = F.linear(xr, qkv_weight, qkv_bias)
     del xr
+    if keep is not None:
+        qkv = qkv * keep
+    q, k, v = qkv.split((qk_dim, qk_dim, qkv.shape[-1] - 2 * qk_dim), dim=-1)
+    q_region, k_region = region_means(qkv[..., : 2 * qk_dim], counts).split(qk_dim, dim=-1)
+    del qkv
 
     r_idx, r_weight = bra_routing(
         q_region, k_region, topk, scale, diff_routing=diff_routing, emb_weight=router_weight,
