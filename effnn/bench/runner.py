@@ -342,8 +342,13 @@ def run_cases(
     if log == "stderr":
         log = sys.stderr
     results = Results()
-    progress = Progress([c.cost / max(x.cost for _, x in cases) * _mode_weight(m)
-                         for _, c in cases for m in modes], log)
+    # costs are comparable within a layer only (units differ: MACs, points, images), so each
+    # layer's largest case weighs 1
+    largest = {}
+    for layer, c in cases:
+        largest[layer.name] = max(largest.get(layer.name, 0), c.cost) or 1
+    progress = Progress([c.cost / largest[layer.name] * _mode_weight(m)
+                         for layer, c in cases for m in modes], log)
     reported: set[tuple[str, str]] = set()
     for layer, case in cases:
         gc.collect()
