@@ -1,7 +1,8 @@
 """Build script: a pure-Python package by default; the compiled extension is opt-in.
 
 All metadata lives in pyproject.toml. This file only adds the optional C++ extension
-``effnn._C`` (fused Monarch CPU kernels, csrc/monarch_cpu.cpp) when the environment says so:
+``effnn._C`` (fused CPU kernels: Monarch, csrc/monarch_cpu.cpp; window attention,
+csrc/window_attention_cpu.cpp) when the environment says so:
 
     EFFNN_BUILD_EXT=1 pip install --no-build-isolation --no-deps -e .
 
@@ -38,7 +39,7 @@ def _extension_kwargs():
         cflags, ldflags = ["-O3", "-fopenmp"], ["-fopenmp"]
     ext = CppExtension(
         "effnn._C",
-        ["csrc/monarch_cpu.cpp"],
+        ["csrc/monarch_cpu.cpp", "csrc/window_attention_cpu.cpp"],
         extra_compile_args=cflags,
         extra_link_args=ldflags,
     )

@@ -168,6 +168,6 @@ SPHEREFORMER = register_layer(
         parse=sphereformer_case,
         defaults=("20000", "100000"),
         quick=("20000",),
-        backends=("ref",),
+        backends=("ref", "ext"),
     )
 )

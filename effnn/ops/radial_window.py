@@ -38,6 +38,11 @@ within-window pairs of a chunk), the registered ops ``effnn::window_attention`` 
 The relative position terms are computed per point and per bucket: ``q . T_q`` and ``k . T_k`` as
 (points, heads, 3 * rows) tables gathered per pair, and the value term as a per-query histogram of
 attention mass over the table rows times ``T_v``; never as per-pair vectors of head_dim.
+
+Backends: ``ref`` (this file) and ``ext``, the fused C++ kernel of csrc/window_attention_cpu.cpp
+in the optional extension effnn._C (CPU; ``backend="auto"`` takes it when it is built). Both use
+:func:`window_partition` and the same codes; the kernel gets the window order and reads q, k, v in
+place.
 """
 
 from __future__ import annotations
@@ -47,7 +52,8 @@ import math
 import torch
 from torch import Tensor
 
-from effnn.ops._dispatch import select_backend
+from effnn import _ext
+from effnn.ops._dispatch import ext_device_reasons, select_backend
 
 __all__ = [
     "cart2sphere",
@@ -427,6 +433,63 @@ def window_attention_backward_ref(
     return (*grads, *tables)
 
 # --------------------------------------------------------------------------------------------
+# Compiled CPU kernel (effnn._C, csrc/window_attention_cpu.cpp)
+# --------------------------------------------------------------------------------------------
+
+
+def _ext_prepare(q, coords, batch, table_q, table_k, table_v, window_size, quant_size,
+                 exp_split_a, origin):
+    """The kernel's window data -- the same partition and codes as the reference: the order of
+    the points by window, the window offsets, the linear-axis codes (int32) and the
+    exponential-split coordinate in that order -- and the tables as (h, 3, rows, d)."""
+    compute = torch.promote_types(q.dtype, torch.float32)
+    order, _, counts = window_partition(coords, batch, window_size, origin)
+    starts = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+    codes, r, tables, L = coords.new_empty(0, dtype=torch.int32), coords.new_empty(0), (None,) * 3, 0
+    if table_q is not None:
+        L = quant_grid_length(window_size[0], quant_size[0])
+        lin = 2 if exp_split_a is not None else 3
+        codes = _codes(coords, window_size, quant_size, L, origin)[order, :lin].int()
+        r = coords[order, 2].contiguous()
+        tables = tuple(t.to(compute).permute(2, 1, 0, 3).contiguous() for t in (table_q, table_k, table_v))
+    return order, starts, codes, r, tables, L
+
+
+def _window_attention_ext(q, k, v, coords, batch, table_q, table_k, table_v, window_size,
+                          quant_size, exp_split_a, origin, scale):
+    compute = torch.promote_types(q.dtype, torch.float32)
+    order, starts, codes, r, tables, L = _ext_prepare(
+        q, coords, batch, table_q, table_k, table_v, window_size, quant_size, exp_split_a, origin)
+    # the kernel reads q, k, v in place (strided views of a fused projection) and through `order`
+    out, lse = torch.ops.effnn_ext.window_attention_forward(
+        q.to(compute), k.to(compute), v.to(compute), order, starts, codes, r, *tables, L,
+        exp_split_a, scale)
+    return out.to(q.dtype), lse
+
+
+def _window_attention_backward_ext(grad_out, q, k, v, out, lse, coords, batch, table_q, table_k,
+                                   table_v, window_size, quant_size, exp_split_a, origin, scale):
+    compute = torch.promote_types(q.dtype, torch.float32)
+    order, starts, codes, r, tables, L = _ext_prepare(
+        q, coords, batch, table_q, table_k, table_v, window_size, quant_size, exp_split_a, origin)
+    grads = torch.ops.effnn_ext.window_attention_backward(
+        grad_out.to(compute), q.to(compute), k.to(compute), v.to(compute), out.to(compute),
+        lse.to(compute), order, starts, codes, r, *tables, L, exp_split_a, scale)
+    result = [g.to(src.dtype) for g, src in zip(grads[:3], (q, k, v), strict=True)]
+    for g, t in zip(grads[3:], (table_q, table_k, table_v), strict=True):
+        result.append(None if t is None else g.permute(2, 1, 0, 3).contiguous().to(t.dtype))
+    return tuple(result)
+
+
+def _ext_reasons(device: torch.device) -> list[str]:
+    reasons = ext_device_reasons(device)
+    if not reasons and not hasattr(torch.ops.effnn_ext, "window_attention_forward"):
+        reasons.append("effnn._C was built without the window attention kernel (rebuild it: "
+                       f"{_ext.BUILD_HINT})")
+    return reasons
+
+
+# --------------------------------------------------------------------------------------------
 # Registered ops
 # --------------------------------------------------------------------------------------------
 
@@ -445,7 +508,10 @@ def _window_attention_op(
     """Returns (out, lse); see :func:`window_attention_ref`."""
     if q.shape[0] == 0:
         return q.new_zeros(q.shape), q.new_zeros(q.shape[:2], dtype=_lse_dtype(q.dtype))
-    with torch.autocast(q.device.type, enabled=False):  # the reference picks its own precision
+    with torch.autocast(q.device.type, enabled=False):  # the kernels pick their own precision
+        if backend == "ext":
+            return _window_attention_ext(q, k, v, coords, batch, table_q, table_k, table_v,
+                                         window_size, quant_size, exp_split_a, origin, scale)
         return window_attention_ref(q, k, v, coords, batch, table_q, table_k, table_v, window_size,
                                     quant_size, exp_split_a, origin, scale)
 
@@ -469,7 +535,8 @@ def _window_attention_backward_op(
         grads += [q.new_empty(0) if t is None else torch.zeros_like(t) for t in (table_q, table_k, table_v)]
         return tuple(grads)
     with torch.autocast(q.device.type, enabled=False):
-        grads = window_attention_backward_ref(
+        backward = _window_attention_backward_ext if backend == "ext" else window_attention_backward_ref
+        grads = backward(
             grad_out, q, k, v, out, lse, coords, batch, table_q, table_k, table_v, window_size,
             quant_size, exp_split_a, origin, scale)
     return tuple(q.new_empty(0) if g is None else g for g in grads)
@@ -517,8 +584,12 @@ _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 def choose_backend(q: Tensor, backend: str = "auto") -> str:
     """The backend :func:`window_attention` runs for ``q`` (raises BackendError if ``backend`` is
-    forced and cannot serve it). Only the reference is implemented so far."""
-    return select_backend("window_attention", backend, q.device, {"ref": lambda: []})
+    forced and cannot serve it): ``ext`` (the compiled CPU kernel, when effnn._C is built) or
+    ``ref``."""
+    return select_backend("window_attention", backend, q.device, {
+        "ref": lambda: [],
+        "ext": lambda: _ext_reasons(q.device),
+    })
 
 
 def _triple(name: str, value, fn: str) -> list[float]:
