@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import statistics
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "biformer_digits.py"
+from tests.examples import load_example
 
 
 @pytest.fixture
 def example():
     pytest.importorskip("sklearn")
-    spec = importlib.util.spec_from_file_location("biformer_digits", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    return load_example("biformer_digits.py")
 
 
 def test_shortened_run_learns(example):

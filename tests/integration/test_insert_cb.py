@@ -5,10 +5,8 @@ case and a shortened run of examples/cb_digits.py."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import io
 import pickle
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,11 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from effnn import ContextBroadcast, insert_cb, remove_cb
+from tests.examples import load_example
 from tests.nn.test_broadcast import cb_naive
 
 timm_vit = pytest.importorskip("timm.models.vision_transformer")
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "cb_digits.py"
 
 
 def tiny_vit(depth: int = 3, **kwargs) -> nn.Module:
@@ -323,13 +321,7 @@ def test_bench_case_builds_vit_s16_with_and_without_cb():
 
 
 def _example():
-    name = "effnn_examples_cb_digits"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, EXAMPLE)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_example("cb_digits.py")
 
 
 def test_expected_calibration_error():

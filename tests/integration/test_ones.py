@@ -3,9 +3,7 @@ an MoE model under DDP and FSDP2, the `effnn bench` cases, and a shortened examp
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,9 +14,9 @@ from torch import nn
 
 import effnn
 from effnn import FeedForward, MoE, distillation_loss, gather_all_experts, gather_experts
+from tests.examples import load_example
 
 F64 = torch.float64
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "ones_digits.py"
 
 
 # ---- knowledge gathering ----------------------------------------------------------------------
@@ -283,13 +281,7 @@ def test_bench_moe_case_runs(tmp_path, capsys):
 
 
 def _example():
-    name = "effnn_examples_ones_digits"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, EXAMPLE)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_example("ones_digits.py")
 
 
 def test_example_helpers():

@@ -4,9 +4,7 @@ ARank and layer selection; DDP; and a real check on the pretrained all-MiniLM-L6
 from __future__ import annotations
 
 import copy
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +15,7 @@ from torch import nn
 from effnn import GammaRouter, MoDBlock, MoDRouter, arank, mod_aux_loss, select_mod_layers, to_mod
 from effnn.convert.mod import HFMoDBlock, attention_rank
 from effnn.nn import PreNormBlock
+from tests.examples import load_example
 
 
 def _transformers():
@@ -426,18 +425,11 @@ def test_ddp_and_fsdp2_match_one_process(tmp_path):
 
 # ---- the pretrained all-MiniLM-L6-v2 ---------------------------------------------------------
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "monarch_minilm.py"
 
 
 def _minilm_helpers():
     """Sentence collection, tokenisation and pooling of examples/monarch_minilm.py."""
-    name = "effnn_examples_monarch_minilm"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, EXAMPLE)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_example("monarch_minilm.py")
 
 
 def minilm_check(steps: int | None, *, seconds: float | None = None, batch_size: int = 8, n_eval: int = 64,

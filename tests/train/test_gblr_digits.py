@@ -1,21 +1,14 @@
 """A shortened run of examples/gblr_digits.py: the GBLR ViT's widths move to the budget and its
 loss falls."""
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import torch
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "gblr_digits.py"
+from tests.examples import load_example
 
 
 def _example():
-    spec = importlib.util.spec_from_file_location("gblr_digits", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_example("gblr_digits.py")
 
 
 def test_short_gblr_digits_run():
