@@ -79,7 +79,8 @@ class GaudiGBLRLinear(nn.Module):
             "lr" / "lr<ratio>" (the first K*ratio full, the rest one element wide in one
             dimension), "unif" (uniform in [0, 1]) or "zero".
         location_init: a float (every location), "linspace" (k/K) or "unif" (uniform in [0, 1]).
-        backend: of :meth:`to_structured`'s module ("auto" or "ref"; no Triton kernel yet).
+        backend: of :meth:`to_structured`'s module ("auto", "ref" or "triton"; "auto" picks the
+            Triton kernel for CUDA tensors).
 
     The factors start as the SVD of a dense ``nn.Linear``-like draw (the official ViT's
     ``set_weights_from_dense_init``), so the output variance is that of ``nn.Linear``
@@ -140,6 +141,7 @@ class GaudiGBLRLinear(nn.Module):
         self.rank_per_component = r
         self.num_components = K
         self.gaussian = sigma is not None
+        self.sigma_init = math.inf if sigma is None else float(sigma)  # what reset_parameters restores
         self.width_init = width_init
         self.location_init = location_init
         self.backend = backend
@@ -152,7 +154,7 @@ class GaudiGBLRLinear(nn.Module):
         freq = {"device": device, "dtype": torch.float64 if dtype == torch.float64 else torch.float32}
         self.register_buffer("freq_in", torch.arange(in_features // 2 + 1, **freq))
         self.register_buffer("freq_out", torch.arange(out_features // 2 + 1, **freq))
-        self.register_buffer("sigma", torch.tensor(math.inf if sigma is None else float(sigma), **factory))
+        self.register_buffer("sigma", torch.tensor(self.sigma_init, **factory))
         self.lr_weight1 = nn.Parameter(torch.empty(K, r, in_features, **factory))
         self.lr_weight2 = nn.Parameter(torch.empty(K, out_features, r, **factory))
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
@@ -169,10 +171,12 @@ class GaudiGBLRLinear(nn.Module):
 
     def reset_parameters(self) -> None:
         """Factors: SVD of a dense draw like ``nn.Linear``'s; bias as ``nn.Linear``; widths and
-        locations from ``width_init``/``location_init`` as the official layer; frequency buffers."""
+        locations from ``width_init``/``location_init`` as the official layer; the frequency
+        buffers and ``sigma`` (its initial value: after ``to_empty`` the buffers hold garbage)."""
         with torch.no_grad():
             self.freq_in.copy_(torch.arange(self.in_features // 2 + 1))
             self.freq_out.copy_(torch.arange(self.out_features // 2 + 1))
+            self.sigma.fill_(self.sigma_init)
             if self.lr_weight1.is_meta:
                 self.reset_structure()
                 return

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from effnn.flops import register_macs
-from effnn.ops._dispatch import select_backend
+from effnn.ops._dispatch import select_backend, triton_device_reasons
 
 __all__ = [
     "EVAL_MASK_THRESHOLD",
@@ -580,7 +580,17 @@ def gblr_structured_backward_ref(
     return gx, g_in, g_out
 
 
-def _structured_forward(x, in_factor, in_meta, out_factor, out_meta, perm, bias, out_features, save_z):
+def _triton_kernels():
+    from effnn.kernels import gblr
+
+    return gblr
+
+
+def _structured_forward(x, in_factor, in_meta, out_factor, out_meta, perm, bias, out_features, save_z,
+                        backend="ref"):
+    if backend == "triton":  # forward only: the backward below stays on the reference GEMMs
+        return _triton_kernels().forward(x, in_factor, in_meta, out_factor, out_meta, perm, bias,
+                                         out_features, save_z)
     y, z2t = _structured_forward_ref(x, in_factor, in_meta, out_factor, out_meta, perm, bias, out_features)
     return y, (z2t if save_z else x.new_empty(0))
 
@@ -593,7 +603,7 @@ def _gblr_structured_op(
     """Returns (y, z2t): z2t is the permuted middle activation (rows, T), kept for the backward
     when ``save_z``, else an empty tensor."""
     return _structured_forward(x, in_factor, in_meta, out_factor, out_meta, perm, bias,
-                               out_features, save_z)
+                               out_features, save_z, backend)
 
 
 @_gblr_structured_op.register_fake
@@ -658,10 +668,16 @@ register_macs(torch.ops.effnn.gblr_structured, _structured_forward_macs)
 register_macs(torch.ops.effnn.gblr_structured_backward, _structured_backward_macs)
 
 
-def choose_backend(x: Tensor, backend: str = "auto") -> str:
-    """The backend :func:`gblr_structured` runs for 2-D ``x`` (raises BackendError if a forced
-    ``backend`` cannot serve it)."""
-    return select_backend("gblr_structured", backend, x.device, {"ref": lambda: []})
+def _triton_reasons(x: Tensor, packed: GBLRPacked) -> list[str]:
+    reasons = triton_device_reasons(x.device)
+    return reasons or _triton_kernels().unsupported_reasons(x, packed.in_factor, packed.out_factor)
+
+
+def choose_backend(x: Tensor, packed: GBLRPacked, backend: str = "auto") -> str:
+    """The backend :func:`gblr_structured` runs for 2-D ``x`` and ``packed`` (raises BackendError
+    if a forced ``backend`` cannot serve them)."""
+    return select_backend("gblr_structured", backend, x.device,
+                          {"ref": lambda: [], "triton": lambda: _triton_reasons(x, packed)})
 
 
 def gblr_structured(
@@ -670,9 +686,9 @@ def gblr_structured(
     """Apply a packed GBLR matrix to ``x`` (..., in_features); returns (..., out_features).
 
     Costs ``packed.macs_per_token`` multiply-adds per vector (the structure's, plus the padding of
-    its groups) instead of in*out. ``backend``: "auto" or "ref" (PyTorch GEMMs on views of x and y,
-    one per group and stage; no Triton kernel yet). Differentiable in x, the packed factors and the
-    bias.
+    its groups) instead of in*out. ``backend``: "auto", "ref" (PyTorch GEMMs on views of x and y,
+    one per group and stage) or "triton" (``effnn/kernels/gblr.py``, CUDA tensors; its backward
+    runs the reference GEMMs). Differentiable in x, the packed factors and the bias.
     """
     op = "gblr_structured"
     n, m = packed.in_features, packed.out_features
@@ -693,7 +709,7 @@ def gblr_structured(
     if bias is not None and tuple(bias.shape) != (m,):
         raise ValueError(f"{op}: bias must have shape ({m},), got {tuple(bias.shape)}")
     x2d = x.reshape(-1, n)
-    chosen = choose_backend(x2d, backend)
+    chosen = choose_backend(x2d, packed, backend)
     save_z = torch.is_grad_enabled() and (
         x.requires_grad or packed.in_factor.requires_grad or packed.out_factor.requires_grad
     )

@@ -218,9 +218,11 @@ def test_meta_device_and_reset_parameters():
     layer = GaudiGBLRLinear(32, 16, device="meta")
     assert layer.lr_weight1.is_meta
     layer.to_empty(device="cpu")
+    layer.sigma.fill_(0.0)  # what to_empty may leave there; an output of 0/0 if not reset
     layer.reset_parameters()
     assert torch.isfinite(layer(torch.randn(2, 32))).all()
     assert torch.equal(layer.freq_in, torch.arange(17.0))
+    assert float(layer.sigma) == 100.0
 
 
 def test_compile_fullgraph_matches_eager():
