@@ -55,7 +55,7 @@ MODES = (FORWARD, TRAIN)
 
 # Modules that register the built-in layers (imported on first use, so `import effnn.bench` is
 # cheap). Add the module of a new layer here.
-_BUILTIN_MODULES = ("effnn.bench.monarch", "effnn.bench.cb", "effnn.bench.mod", "effnn.bench.moe", "effnn.bench.biformer", "effnn.bench.sphereformer", "effnn.bench.gblr")
+_BUILTIN_MODULES = ("effnn.bench.monarch", "effnn.bench.cb", "effnn.bench.mod", "effnn.bench.moe", "effnn.bench.biformer", "effnn.bench.sphereformer", "effnn.bench.gblr", "effnn.bench.asag")
 
 
 @dataclass(frozen=True)
