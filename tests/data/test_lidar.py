@@ -5,20 +5,15 @@ import torch
 
 from effnn.data import CLASS_NAMES, LidarScene, beam_elevations, lidar_scene
 from effnn.data.lidar import BUILDING, CAR, GROUND, POLE, VEGETATION
+from tests.threads import single_thread
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # the generator runs many small ops; on a shared machine a second thread only waits
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def scenes(_one_thread) -> list[LidarScene]:
-    return [lidar_scene(64, seed=s) for s in range(3)]
+def scenes() -> list[LidarScene]:
+    with single_thread():
+        return [lidar_scene(64, seed=s) for s in range(3)]
 
 
 def _horizontal_range(scene: LidarScene) -> torch.Tensor:

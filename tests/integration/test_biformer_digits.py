@@ -5,7 +5,6 @@ from __future__ import annotations
 import statistics
 
 import pytest
-import torch
 
 from tests.examples import load_example
 
@@ -16,13 +15,8 @@ def example():
     return load_example("biformer_digits.py")
 
 
-def test_shortened_run_learns(example):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # much faster than two threads on a shared 2-core machine
-    try:
-        result = example.train(example.Config(max_steps=30), seed=0)
-    finally:
-        torch.set_num_threads(threads)
+def test_shortened_run_learns(example, one_thread):
+    result = example.train(example.Config(max_steps=30), seed=0)
     losses = result["losses"]
     assert result["steps"] == len(losses) == 30
     first, last = statistics.mean(losses[:5]), statistics.mean(losses[-5:])

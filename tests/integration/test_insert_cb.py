@@ -337,22 +337,17 @@ def test_expected_calibration_error():
     assert ex.expected_calibration_error(probs, labels) == pytest.approx(0.4)
 
 
-def test_digits_example_short_run():
+def test_digits_example_short_run(one_thread):
     pytest.importorskip("sklearn")
     ex = _example()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the example's default: a tiny model
-    try:
-        data = ex.load_digits()
-        assert data.x_train.shape == (1437, 1, 8, 8) and data.x_test.shape == (360, 1, 8, 8)
-        assert abs(float(data.x_train.mean())) < 1e-5 and abs(float(data.x_train.std()) - 1) < 1e-5
-        # both variants start from the same weights
-        plain, with_cb = ex.make_vit(0, cb=False), ex.make_vit(0, cb=True)
-        assert all(torch.equal(a, b) for a, b in
-                   zip(plain.state_dict().values(), with_cb.state_dict().values(), strict=True))
-        records = ex.run([0], epochs=3, data=data)
-    finally:
-        torch.set_num_threads(threads)
+    data = ex.load_digits()
+    assert data.x_train.shape == (1437, 1, 8, 8) and data.x_test.shape == (360, 1, 8, 8)
+    assert abs(float(data.x_train.mean())) < 1e-5 and abs(float(data.x_train.std()) - 1) < 1e-5
+    # both variants start from the same weights
+    plain, with_cb = ex.make_vit(0, cb=False), ex.make_vit(0, cb=True)
+    assert all(torch.equal(a, b) for a, b in
+               zip(plain.state_dict().values(), with_cb.state_dict().values(), strict=True))
+    records = ex.run([0], epochs=3, data=data)
     by_cb = {r["cb"]: r for r in records}
     for r in records:
         assert r["losses"][-1] < 0.9 * r["losses"][0]  # the loss falls

@@ -305,19 +305,14 @@ def test_example_helpers():
 
 
 @pytest.mark.slow  # about 10 s on 2 idle cores
-def test_example_shortened_run():
+def test_example_shortened_run(one_thread):
     ex = _example()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two threads on shared, busy cores are many times slower
-    try:
-        data = ex.load_digits()
-        assert data.x_train.shape == (1347, 1, 8, 8) and data.x_test.shape == (450, 1, 8, 8)
-        cfg = ex.Config()
-        result, moe, student = ex.run_seed(data, cfg, seed=0, methods=("avg", "none"), epochs=8,
-                                           distil_epochs=3)
-        s = ex.speedup(moe, student, data.x_test[:64], repeats=3)
-    finally:
-        torch.set_num_threads(threads)
+    data = ex.load_digits()
+    assert data.x_train.shape == (1347, 1, 8, 8) and data.x_test.shape == (450, 1, 8, 8)
+    cfg = ex.Config()
+    result, moe, student = ex.run_seed(data, cfg, seed=0, methods=("avg", "none"), epochs=8,
+                                       distil_epochs=3)
+    s = ex.speedup(moe, student, data.x_test[:64], repeats=3)
     # 8 epochs of the narrow ViT on shifted digits reach about 0.5 (the full run: 0.88); chance is
     # 0.1: both models are learning, and so are the distilled students
     assert min(result.dense[0], result.moe[0]) > 0.4, result

@@ -25,13 +25,7 @@ def _transformers():
     return transformers
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # small shapes: one thread is several times faster than two busy cores
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _gpt2():

@@ -37,13 +37,7 @@ RESEARCH = {"tiny": (13.14, 2.228), "small": (25.54, 4.487), "base": (56.80, 9.7
 BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads are several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def nparams(model) -> int:

@@ -33,13 +33,7 @@ DENSE_LEAVES = 12 * (T * D * D + 2 * 5 * T * D) + P * D * 3 * 16 * 16 + 5 * T * 
 BASELINE_COMPLEXITY = 1.72e10  # configs/experiment/imagenet/vit/vit-b-gaudi.yaml
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # ViT-B's masks are many small ops: a second thread only waits on a shared machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def structure_only(model: nn.Module) -> nn.Module:

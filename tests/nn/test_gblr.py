@@ -17,13 +17,7 @@ from tests.ops.test_gblr_op import official_mask
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # small shapes gain nothing from a second thread, which on a shared machine only waits
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def official_forward(state, x, training, no_gaussian):

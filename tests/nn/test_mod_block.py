@@ -24,13 +24,7 @@ from effnn.nn import KVCache, MoDPredictor, PreNormBlock
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # these shapes are tiny: one thread is several times faster than two busy cores
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- naive references ------------------------------------------------------------------------

@@ -18,13 +18,7 @@ from tests.naive import gaudi_mask_naive
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # small shapes gain nothing from a second thread, which on a shared machine only waits
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def official_mask(w, loc, sigma, n, training=True):

@@ -18,14 +18,7 @@ from effnn.ops.mod import (
     topk_targets,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # these shapes are tiny: one thread is several times faster than two busy cores
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def naive_topk(scores, k, keep_mask=None, keep_first=0):
