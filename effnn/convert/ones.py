@@ -28,17 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from effnn._dtensor import full_tensor
 from effnn.nn.moe import FeedForward, MoE
 
 __all__ = ["GATHER_METHODS", "distillation_loss", "gather_all_experts", "gather_experts"]
 
 GATHER_METHODS = ("sum", "avg", "topk", "svd")
-
-
-def _full(t: Tensor) -> Tensor:
-    """A sharded (FSDP2/DTensor) parameter as a full tensor; other tensors as they are."""
-    t = t.detach()
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def _topk_sum(w: Tensor, k: int) -> Tensor:
@@ -112,7 +107,7 @@ def gather_experts(moe: MoE, method: str, *, k: int | None = None) -> FeedForwar
     for name, t in tensors.items():
         if t is None:
             continue
-        t = _full(t).to(compute)
+        t = full_tensor(t.detach()).to(compute)
         if method in merge:
             gathered[name] = merge[method](t)
         elif name.endswith("bias"):

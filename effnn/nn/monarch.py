@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from effnn._dtensor import full_tensor
 from effnn.ops._dispatch import BACKENDS
 from effnn.ops.monarch import (
     monarch_factor_shapes,
@@ -181,5 +182,5 @@ class MonarchLinear(nn.Module):
         """The (out_features, in_features) matrix this layer applies (without bias).
 
         Sharded (FSDP2/DTensor) factors are gathered first."""
-        w1, w2 = (w.full_tensor() if hasattr(w, "full_tensor") else w for w in (self.blkdiag1, self.blkdiag2))
+        w1, w2 = full_tensor(self.blkdiag1), full_tensor(self.blkdiag2)
         return monarch_to_dense(w1, w2, self.in_features, self.out_features)

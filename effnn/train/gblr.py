@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from effnn._dtensor import full_tensor
 from effnn.nn.gblr import GaudiGBLRLinear
 
 __all__ = [
@@ -85,12 +86,6 @@ class SigmaSchedule:
         return f"SigmaSchedule({self.sigma_init:g} -> {self.sigma_final:g}, start={self.start}, end={self.end})"
 
 
-def _full(t: Tensor) -> Tensor:
-    """An FSDP2-sharded parameter (DTensor) as the whole tensor, the same on every rank; other
-    tensors as they are. The width statistics and updates need whole rows."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
 def _assign(param: Tensor, value: Tensor) -> None:
     """param <- value (a whole tensor, the same on every rank); a DTensor keeps its own shard."""
     if hasattr(param, "full_tensor"):
@@ -101,7 +96,7 @@ def _assign(param: Tensor, value: Tensor) -> None:
 
 
 def _layer_mean_width(layer: GaudiGBLRLinear) -> Tensor:
-    w = _full(layer.widths)
+    w = full_tensor(layer.widths)
     return (((w[0:1] * w[1:2]) > 0).to(w.dtype) * w).mean()
 
 
@@ -165,7 +160,7 @@ def soft_shrink_widths(
     for layer in layers:
         if not layer.widths.requires_grad:
             continue
-        widths = _full(layer.widths).clone()
+        widths = full_tensor(layer.widths).clone()
         for row in (0, 1):
             shrunk = F.softshrink(widths[row], lambd) if lambd > 0 else widths[row]
             widths[row] = shrunk.clamp(min_widths[row], max_widths[row])
