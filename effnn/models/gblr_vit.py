@@ -82,7 +82,6 @@ class GBLRVisionTransformer(VisionTransformer):
     ) -> None:
         # the dense layers that are replaced are never materialised
         super().__init__(device="meta", dtype=dtype, **kwargs)
-        self.gblr_sigma = sigma
         gblr = dict(rank_per_component=1, sigma=sigma, width_init=width_init,
                     location_init=location_init, device="meta", dtype=dtype)
         for block in self.blocks:
@@ -103,19 +102,12 @@ class GBLRVisionTransformer(VisionTransformer):
         the official ``_init_vit_weights``: zero bias, factors from the SVD of a
         trunc_normal(std=0.02) dense draw (``set_weights_from_dense_init``), widths and locations
         from their init, ``sigma`` buffer from the constructor."""
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.normal_(self.cls_token, std=1e-6)
+        self._reset_timm_layers()
         for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.LayerNorm, nn.Conv2d)):
-                m.reset_parameters()
-            elif isinstance(m, GaudiGBLRLinear):
+            if isinstance(m, GaudiGBLRLinear):
                 m.freq_in.copy_(torch.arange(m.in_features // 2 + 1))
                 m.freq_out.copy_(torch.arange(m.out_features // 2 + 1))
-                m.sigma.fill_(float("inf") if self.gblr_sigma is None else self.gblr_sigma)
+                m.sigma.fill_(m.sigma_init)
                 if not m.lr_weight1.is_meta:
                     dense = torch.empty(m.out_features, m.in_features, device=m.lr_weight1.device,
                                         dtype=m.lr_weight1.dtype)

@@ -152,6 +152,11 @@ class VisionTransformer(nn.Module):
         """timm's default init: truncated normal(0.02) for linears and position embeddings, zero
         biases, cls token N(0, 1e-6); other layers (e.g. the ``MonarchLinear`` put in by
         ``swap_linear``) use their own ``reset_parameters``."""
+        self._reset_timm_layers()
+        reset_other_modules(self, (nn.Linear, nn.LayerNorm, nn.Conv2d))
+
+    def _reset_timm_layers(self) -> None:
+        """timm's init of the position embedding, class token, linears, norms and convs."""
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
         for m in self.modules():
@@ -161,7 +166,6 @@ class VisionTransformer(nn.Module):
                     nn.init.zeros_(m.bias)
             elif isinstance(m, (nn.LayerNorm, nn.Conv2d)):
                 m.reset_parameters()
-        reset_other_modules(self, (nn.Linear, nn.LayerNorm, nn.Conv2d))
 
     def get_classifier(self) -> nn.Module:
         return self.head
