@@ -14,6 +14,7 @@ import pickle
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import effnn
@@ -343,3 +344,57 @@ def test_bad_configurations_are_refused():
         BiFormer(topks=(1, 4, 16, -1), device="meta")
     with pytest.raises(ValueError, match="auto_pad"):
         BiFormer(auto_pad="reflect", device="meta")
+
+
+# ---- data parallel (STANDARDS 10) ---------------------------------------------------------------
+
+
+def _ddp_model() -> BiFormer:
+    # eval mode: the BatchNorms then use their running statistics, so the gradient of a batch is
+    # the mean of its halves' gradients (train-mode BatchNorm needs SyncBatchNorm for that)
+    torch.manual_seed(7)
+    return small_model().eval()
+
+
+def _ddp_data():
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(4, 3, 64, 64, generator=g), torch.randint(0, 10, (4,), generator=g)
+
+
+def _ddp_worker(rank, tmp):
+    """DDP, then FSDP2 (each stage and the root sharded), each rank on its half of the batch."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    x, y = _ddp_data()
+    half = slice(2 * rank, 2 * rank + 2)
+    grads = {}
+    model = _ddp_model()
+    ddp = DDP(model)  # kept in a variable: the reducer must outlive the backward
+    F.cross_entropy(ddp(x[half]), y[half]).backward()
+    grads["ddp"] = {n: p.grad for n, p in model.named_parameters()}
+    model = _ddp_model()
+    mesh = init_device_mesh("cpu", (2,))
+    for stage in model.stages:
+        fully_shard(stage, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    F.cross_entropy(model(x[half]), y[half]).backward()
+    grads["fsdp2"] = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+    torch.save(grads, tmp / f"rank{rank}.pt")
+
+
+@pytest.mark.distributed
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo")
+def test_ddp_and_fsdp2_gradients_match_one_process(tmp_path):
+    from tests.integration.test_distributed import run_workers
+
+    results = run_workers(_ddp_worker, tmp_path)
+    model = _ddp_model()
+    x, y = _ddp_data()
+    F.cross_entropy(model(x), y).backward()
+    for rank, res in enumerate(results):
+        for wrapper in ("ddp", "fsdp2"):
+            for name, p in model.named_parameters():
+                torch.testing.assert_close(res[wrapper][name], p.grad, rtol=1e-5, atol=1e-6,
+                                           msg=f"{wrapper} rank {rank}: {name}")
