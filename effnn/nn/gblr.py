@@ -361,8 +361,11 @@ class GaudiGBLRLinear(nn.Module):
 
         ``budget`` in (0, 1]: the official cost (:meth:`macs_per_token`, with the Gaussian off) is
         at most ``budget * in * out``. The structure and factors come from
-        :func:`effnn.ops.gblr.gblr_project` (a greedy multi-scale block pursuit, refitted; never
-        worse than the truncated SVD of the same cost). ``sigma=None`` (default) keeps the Gaussian
+        :func:`effnn.ops.gblr.gblr_project`: the best of the truncated SVD of the same cost, a
+        greedy multi-scale block pursuit (refitted), and ``steps`` steps of gradient descent on the
+        masked product as the official ``find_olb`` (pass ``steps=0`` to skip the descent, which
+        costs about 2 minutes for a 768 x 768 weight on one CPU thread; ``project_kwargs`` go to
+        ``gblr_project``). ``sigma=None`` (default) keeps the Gaussian
         off, as for the official fine-tuning from a dense checkpoint. On the ``meta`` device the
         parameters stay uninitialised.
         """
