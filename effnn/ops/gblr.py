@@ -588,7 +588,7 @@ def _triton_kernels():
 
 def _structured_forward(x, in_factor, in_meta, out_factor, out_meta, perm, bias, out_features, save_z,
                         backend="ref"):
-    if backend == "triton":  # forward only: the backward below stays on the reference GEMMs
+    if backend == "triton":
         return _triton_kernels().forward(x, in_factor, in_meta, out_factor, out_meta, perm, bias,
                                          out_features, save_z)
     y, z2t = _structured_forward_ref(x, in_factor, in_meta, out_factor, out_meta, perm, bias, out_features)
@@ -617,6 +617,9 @@ def _gblr_structured_backward_op(
     grad_y: Tensor, x: Tensor, z2t: Tensor, in_factor: Tensor, in_meta: Tensor, out_factor: Tensor,
     out_meta: Tensor, perm: Tensor, need_input_grad: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    if backend == "triton":
+        return _triton_kernels().backward(grad_y, x, z2t, in_factor, in_meta, out_factor, out_meta,
+                                          perm, need_input_grad)
     return gblr_structured_backward_ref(grad_y, x, z2t, in_factor, in_meta, out_factor, out_meta,
                                         perm, need_input_grad)
 
@@ -687,8 +690,8 @@ def gblr_structured(
 
     Costs ``packed.macs_per_token`` multiply-adds per vector (the structure's, plus the padding of
     its groups) instead of in*out. ``backend``: "auto", "ref" (PyTorch GEMMs on views of x and y,
-    one per group and stage) or "triton" (``effnn/kernels/gblr.py``, CUDA tensors; its backward
-    runs the reference GEMMs). Differentiable in x, the packed factors and the bias.
+    one per group and stage) or "triton" (``effnn/kernels/gblr.py``, CUDA tensors, forward and
+    backward). Differentiable in x, the packed factors and the bias.
     """
     op = "gblr_structured"
     n, m = packed.in_features, packed.out_features

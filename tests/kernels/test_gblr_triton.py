@@ -1,9 +1,14 @@
-"""Triton forward of the packed GBLR product (effnn.kernels.gblr) against the reference structured
-op and the dense-mask computation (fp64).
+"""Triton forward and backward of the packed GBLR product (effnn.kernels.gblr) against the
+reference structured op and the dense-mask computation (fp64).
 
 On a CPU-only machine these run under TRITON_INTERPRET=1 (set by tests/conftest.py before triton is
 imported); on a CUDA machine without the interpreter they run the compiled kernels on the GPU.
 """
+
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -126,21 +131,67 @@ def test_low_precision_two_x_rule(dtype, name):
     assert_within_2x(y, y_ref, dense, f"{name} {dtype}")
 
 
-def test_saved_middle_and_gradients_match_reference():
-    """The kernel's saved z2t feeds the (reference) backward: same gradients as the ref backend."""
-    packed, x, bias, _ = _case("random_wrap", torch.float32, split=True)
-    grads = {}
-    for backend in ("triton", "ref"):
-        xs = x.clone().requires_grad_()
-        a = packed.in_factor.clone().requires_grad_()
-        b = packed.out_factor.clone().requires_grad_()
-        p = type(packed)(a, packed.in_meta, b, packed.out_meta, packed.perm, packed.in_features,
-                         packed.out_features)
-        y = gblr_structured(xs, p, bias, backend=backend)
-        y.backward(torch.cos(torch.arange(y.numel(), dtype=y.dtype, device=y.device)).view_as(y))
-        grads[backend] = (y.detach(), xs.grad, a.grad, b.grad)
-    for got, ref in zip(grads["triton"], grads["ref"], strict=True):
-        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+def _grads(packed, x, bias, backend, grad_seed=0):
+    xs = x.clone().requires_grad_()
+    a = packed.in_factor.clone().requires_grad_()
+    b = packed.out_factor.clone().requires_grad_()
+    p = type(packed)(a, packed.in_meta, b, packed.out_meta, packed.perm, packed.in_features,
+                     packed.out_features)
+    y = gblr_structured(xs, p, bias, backend=backend)
+    g = torch.Generator().manual_seed(grad_seed)
+    y.backward(torch.randn(y.shape, generator=g, dtype=F64).to(y.device, y.dtype))
+    return y.detach(), xs.grad, a.grad, b.grad
+
+
+def _dense_grads(packed, x, grad_seed=0):
+    """fp64 gradients through the packed product written as dense matrices (autograd)."""
+    cpu = _cpu(packed)
+    a = cpu.in_factor.double().requires_grad_()
+    b = cpu.out_factor.double().requires_grad_()
+    xs = x.detach().cpu().double().requires_grad_()
+    p = type(cpu)(a, cpu.in_meta, b, cpu.out_meta, cpu.perm, cpu.in_features, cpu.out_features)
+    y = gblr_structured(xs, p, None, backend="ref")
+    g = torch.Generator().manual_seed(grad_seed)
+    y.backward(torch.randn(y.shape, generator=g, dtype=F64))
+    return xs.grad, a.grad, b.grad
+
+
+@pytest.mark.parametrize("name", list(STRUCTURES))
+def test_fp32_gradients_match_reference(name):
+    """The Triton backward (transposed stages + factor-gradient kernel): gradients of x and of both
+    packed factors equal the fp64 reference's, for overlapping, wrapping and empty groups."""
+    packed, x, bias, _ = _case(name, torch.float32, split=True)
+    _, gx, ga, gb = _grads(packed, x, bias, "triton")
+    for got, want, what in zip((gx, ga, gb), _dense_grads(packed, x), ("x", "in_factor", "out_factor"), strict=True):
+        scale = max([1.0, *want.abs().flatten().tolist()])
+        assert got.dtype == torch.float32 and got.shape == want.shape, what
+        assert _max_err(got, want) <= 2e-5 * scale, f"{name}: grad {what}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_gradients_two_x_rule(dtype):
+    packed, x, bias, _ = _case("random_wrap", dtype, seed=2, split=True)
+    want = _dense_grads(packed, x)
+    got = _grads(packed, x, bias, "triton")[1:]
+    ref = _grads(_cpu(packed), x.cpu(), bias.cpu(), "ref")[1:]
+    for g, r, w, what in zip(got, ref, want, ("x", "in_factor", "out_factor"), strict=True):
+        assert_within_2x(g, r, w, f"grad {what} {dtype}")
+
+
+def test_gradients_without_tokens_and_input_grad():
+    packed, x, bias, _ = _case("splr_r2_odd", torch.float32)
+    _, gx, ga, gb = _grads(packed, x[:0], bias, "triton")
+    assert gx.shape == (0, packed.in_features)
+    assert torch.count_nonzero(ga) == 0 and torch.count_nonzero(gb) == 0
+    a = packed.in_factor.clone().requires_grad_()
+    p = type(packed)(a, packed.in_meta, packed.out_factor, packed.out_meta, packed.perm,
+                     packed.in_features, packed.out_features)
+    gblr_structured(x, p, bias, backend="triton").sum().backward()  # x needs no gradient
+    a_ref = packed.in_factor.cpu().clone().requires_grad_()
+    p_ref = type(packed)(a_ref, *(t.cpu() for t in (packed.in_meta, packed.out_factor, packed.out_meta,
+                                                     packed.perm)), packed.in_features, packed.out_features)
+    gblr_structured(x.cpu(), p_ref, bias.cpu(), backend="ref").sum().backward()
+    torch.testing.assert_close(a.grad.cpu(), a_ref.grad, rtol=1e-5, atol=1e-5)
 
 
 def test_leading_dims_no_bias_and_no_tokens():
@@ -171,3 +222,40 @@ def test_forced_backend_errors(monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(BackendError, match="TRITON_INTERPRET"):
             gblr_structured(x, packed, bias, backend="triton")
+
+
+# Compiles the kernels for an H100/H200 (sm_90) without a GPU: the interpreter runs the kernels'
+# Python, so errors only the compiler sees (types of loop-carried values, layouts, dot shapes)
+# would otherwise wait for a GPU session. Both factor layouts, fp32 and bf16.
+_COMPILE_FOR_SM90 = textwrap.dedent("""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from effnn.kernels import gblr as kg
+    assert not kg._INTERPRET
+    ints = ("meta_ptr", "tile_group_ptr", "tile_row_ptr", "tile_col_ptr", "perm_ptr", "src_ptr")
+    blocks = {kg._stage1_kernel: dict(zip(("BLOCK_R", "BLOCK_T", "BLOCK_C"), kg._S1)),
+              kg._stage2_kernel: dict(zip(("BLOCK_M", "BLOCK_T", "BLOCK_Q"), kg._S2)),
+              kg._factor_grad_kernel: dict(zip(("BLOCK_R", "BLOCK_C", "BLOCK_T"), kg._FG))}
+    for name, prec in (("bf16", "tf32"), ("fp32", "ieee")):
+        for transposed in (False, True):
+            for fn, tiles in blocks.items():
+                consts = dict(TRANSPOSED=transposed, HAS_BIAS=True, HAS_SRC=True, DOT_PREC=prec,
+                              INTERP_BF16=False, **tiles)
+                sig = {a: "constexpr" if a in consts else ("*i64" if a in ints else "*" + name)
+                       if a.endswith("_ptr") else "i32" for a in fn.arg_names}
+                src = ASTSource(fn, sig, {a: consts[a] for a in fn.arg_names if a in consts})
+                compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                          options={"num_warps": kg._WARPS})
+                assert compiled.asm["cubin"], fn.__name__
+    print("compiled")
+""")
+
+
+def test_kernels_compile_for_sm90():
+    if DEVICE == "cuda":
+        pytest.skip("the tests above compile and run the kernels on this GPU")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    run = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-3000:]
