@@ -12,7 +12,7 @@ import torch, triton
 print("torch", torch.__version__, "triton", triton.__version__, "device", torch.cuda.get_device_name())
 PY
 python3 -m effnn.info
-echo "== Triton kernel tests on CUDA (tests/kernels includes test_routing_attention_triton.py)"
+echo "== Triton kernel tests on CUDA (tests/kernels includes test_routing_attention_triton.py and test_radial_window_triton.py)"
 python3 -m pytest -q -p no:cacheprovider tests/kernels tests/ops 2>&1 | tee "$out/tests.log" | tail -n 25
 echo "== timings (effnn vs the dense baseline and the reference path)"
 for dtype in bfloat16 float32; do
@@ -70,3 +70,9 @@ with open(f"{out_dir}/routed_attention.csv", "w", newline="") as f:
     wr = csv.DictWriter(f, fieldnames=list(rows[0]))
     wr.writeheader(); wr.writerows(rows)
 PY
+echo "== window attention CUDA kernel (csrc/window_attention_cuda.cu): build effnn._C with CUDA, compare with the reference"
+if EFFNN_BUILD_EXT=1 EFFNN_BUILD_CUDA=1 python3 setup.py -q build_ext --inplace > "$out/build_ext_cuda.log" 2>&1; then
+  python3 -m pytest -q -p no:cacheprovider tests/kernels/test_window_attention_cuda.py 2>&1 | tee "$out/window_attention_cuda.log" | tail -n 25
+else
+  echo "effnn._C did not build with CUDA (nvcc missing?):"; tail -n 30 "$out/build_ext_cuda.log"
+fi

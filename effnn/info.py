@@ -10,7 +10,7 @@ import torch
 
 import effnn
 from effnn import _ext
-from effnn.ops._dispatch import triton_device_reasons
+from effnn.ops._dispatch import ext_cuda_reasons, triton_device_reasons
 
 
 def _version(module: str) -> str:
@@ -34,7 +34,13 @@ def backend_status() -> dict[str, str]:
             reasons.insert(0, "no CUDA device is visible (CPU tensors only under TRITON_INTERPRET=1)")
         status["triton"] = "unavailable: " + "; ".join(reasons)
     reason = _ext.unavailable_reason()
-    status["ext"] = "available on cpu" if reason is None else f"unavailable: {reason}"
+    if reason is not None:
+        status["ext"] = f"unavailable: {reason}"
+    elif ext_cuda_reasons("effnn_ext::window_attention_forward"):
+        status["ext"] = "available on cpu (built without CUDA kernels; EFFNN_BUILD_CUDA=1 adds them)"
+    else:
+        visible = "" if torch.cuda.is_available() else "; no CUDA device is visible"
+        status["ext"] = f"available on cpu; CUDA kernels compiled in (window attention){visible}"
     return status
 
 

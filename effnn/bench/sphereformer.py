@@ -34,6 +34,7 @@ from effnn.bench.registry import (
     register_layer,
 )
 from effnn.nn.radial_window import RadialWindowAttention
+from effnn.ops._dispatch import BackendError
 from effnn.ops.radial_window import cart2sphere, window_partition
 
 FORMAT = "POINTS (e.g. 100000)"
@@ -148,6 +149,8 @@ def sphereformer_case(spec: str) -> Case:
             fn = lambda x: layer(x, xyz, batch)  # noqa: E731
             return Workload(fn, (x,), {FORWARD: 2.0 * macs, TRAIN: 6.0 * macs}, n,
                             params=list(layer.parameters()), backend="torch")
+        if provider == "triton" and s.device.type != "cuda":  # the interpreter is for tests only
+            raise BackendError("sphereformer: the Triton kernels are timed on CUDA tensors only")
         layer = RadialWindowAttention(DIM, HEADS, WINDOW, backend=provider, **factory)
         # q.k, p.v and the q.T_q, k.T_k, T_v terms per pair: 2d + 3*(2 gathers) ~ count 2d
         macs = proj_macs + 2 * pairs * DIM
@@ -168,6 +171,6 @@ SPHEREFORMER = register_layer(
         parse=sphereformer_case,
         defaults=("20000", "100000"),
         quick=("20000",),
-        backends=("ref", "ext"),
+        backends=("ref", "ext", "triton"),
     )
 )

@@ -71,6 +71,29 @@ def ext_device_reasons(device: torch.device) -> list[str]:
     return reasons
 
 
+def ext_cuda_reasons(op: str) -> list[str]:
+    """Why the compiled extension has no CUDA kernel for ``op`` ("effnn_ext::name"; empty when it
+    has one: effnn._C built with EFFNN_BUILD_CUDA=1)."""
+    missing = _ext.unavailable_reason()
+    if missing:
+        return [missing]
+    if not _ext_has_cuda_kernel(op):
+        return [
+            "effnn._C was built without CUDA kernels (rebuild it from a source checkout with "
+            "`EFFNN_BUILD_EXT=1 EFFNN_BUILD_CUDA=1 pip install --no-build-isolation --no-deps -e .`)"
+        ]
+    return []
+
+
+@constant_under_compile  # probed once (after effnn._C is loaded); torch.compile must not trace it
+@functools.cache
+def _ext_has_cuda_kernel(op: str) -> bool:
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA")
+    except RuntimeError:  # an older build without this op
+        return False
+
+
 def select_backend(
     op: str,
     backend: str,

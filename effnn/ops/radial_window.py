@@ -39,9 +39,13 @@ The relative position terms are computed per point and per bucket: ``q . T_q`` a
 (points, heads, 3 * rows) tables gathered per pair, and the value term as a per-query histogram of
 attention mass over the table rows times ``T_v``; never as per-pair vectors of head_dim.
 
-Backends: ``ref`` (this file) and ``ext``, the fused C++ kernel of csrc/window_attention_cpu.cpp
-in the optional extension effnn._C (CPU; ``backend="auto"`` takes it when it is built). Both use
-:func:`window_partition` and the same codes; the kernel gets the window order and reads q, k, v in
+Backends: ``ref`` (this file), ``ext``, the fused C++ kernel of csrc/window_attention_cpu.cpp
+in the optional extension effnn._C (CPU; ``backend="auto"`` takes it when it is built; when
+effnn._C is built with EFFNN_BUILD_CUDA=1, csrc/window_attention_cuda.cu serves CUDA tensors too,
+forced with ``backend="ext"``: not yet run on a GPU, so ``"auto"`` does not pick it), and
+``triton``, the flash-style kernels of effnn/kernels/radial_window.py (CUDA tensors; ``"auto"``
+takes them there; CPU tensors only under ``TRITON_INTERPRET=1``, for tests). All use
+:func:`window_partition` and the same codes; the kernels get the window order and read q, k, v in
 place.
 """
 
@@ -53,7 +57,12 @@ import torch
 from torch import Tensor
 
 from effnn import _ext
-from effnn.ops._dispatch import ext_device_reasons, select_backend
+from effnn.ops._dispatch import (
+    ext_cuda_reasons,
+    ext_device_reasons,
+    select_backend,
+    triton_device_reasons,
+)
 
 __all__ = [
     "cart2sphere",
@@ -458,11 +467,12 @@ def _ext_prepare(q, coords, batch, table_q, table_k, table_v, window_size, quant
 def _window_attention_ext(q, k, v, coords, batch, table_q, table_k, table_v, window_size,
                           quant_size, exp_split_a, origin, scale):
     compute = torch.promote_types(q.dtype, torch.float32)
+    io = q.dtype if q.is_cuda else compute  # the CUDA kernel reads fp16/bf16 (sums in fp32)
     order, starts, codes, r, tables, L = _ext_prepare(
         q, coords, batch, table_q, table_k, table_v, window_size, quant_size, exp_split_a, origin)
     # the kernel reads q, k, v in place (strided views of a fused projection) and through `order`
     out, lse = torch.ops.effnn_ext.window_attention_forward(
-        q.to(compute), k.to(compute), v.to(compute), order, starts, codes, r, *tables, L,
+        q.to(io), k.to(io), v.to(io), order, starts, codes, r, *tables, L,
         exp_split_a, scale)
     return out.to(q.dtype), lse
 
@@ -470,10 +480,11 @@ def _window_attention_ext(q, k, v, coords, batch, table_q, table_k, table_v, win
 def _window_attention_backward_ext(grad_out, q, k, v, out, lse, coords, batch, table_q, table_k,
                                    table_v, window_size, quant_size, exp_split_a, origin, scale):
     compute = torch.promote_types(q.dtype, torch.float32)
+    io = q.dtype if q.is_cuda else compute  # the CUDA kernel reads fp16/bf16 (sums in fp32)
     order, starts, codes, r, tables, L = _ext_prepare(
         q, coords, batch, table_q, table_k, table_v, window_size, quant_size, exp_split_a, origin)
     grads = torch.ops.effnn_ext.window_attention_backward(
-        grad_out.to(compute), q.to(compute), k.to(compute), v.to(compute), out.to(compute),
+        grad_out.to(io), q.to(io), k.to(io), v.to(io), out.to(io),
         lse.to(compute), order, starts, codes, r, *tables, L, exp_split_a, scale)
     result = [g.to(src.dtype) for g, src in zip(grads[:3], (q, k, v), strict=True)]
     for g, t in zip(grads[3:], (table_q, table_k, table_v), strict=True):
@@ -482,11 +493,29 @@ def _window_attention_backward_ext(grad_out, q, k, v, out, lse, coords, batch, t
 
 
 def _ext_reasons(device: torch.device) -> list[str]:
+    if device.type == "cuda":  # csrc/window_attention_cuda.cu, when effnn._C was built with CUDA
+        return ext_cuda_reasons("effnn_ext::window_attention_forward")
     reasons = ext_device_reasons(device)
     if not reasons and not hasattr(torch.ops.effnn_ext, "window_attention_forward"):
         reasons.append("effnn._C was built without the window attention kernel (rebuild it: "
                        f"{_ext.BUILD_HINT})")
     return reasons
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels (effnn/kernels/radial_window.py)
+# --------------------------------------------------------------------------------------------
+
+
+def _triton_kernels():
+    from effnn.kernels import radial_window
+
+    return radial_window
+
+
+def _triton_reasons(q: Tensor) -> list[str]:
+    reasons = triton_device_reasons(q.device)
+    return reasons or _triton_kernels().unsupported_reasons(q)
 
 
 # --------------------------------------------------------------------------------------------
@@ -509,6 +538,9 @@ def _window_attention_op(
     if q.shape[0] == 0:
         return q.new_zeros(q.shape), q.new_zeros(q.shape[:2], dtype=_lse_dtype(q.dtype))
     with torch.autocast(q.device.type, enabled=False):  # the kernels pick their own precision
+        if backend == "triton":
+            return _triton_kernels().forward(q, k, v, coords, batch, table_q, table_k, table_v,
+                                             window_size, quant_size, exp_split_a, origin, scale)
         if backend == "ext":
             return _window_attention_ext(q, k, v, coords, batch, table_q, table_k, table_v,
                                          window_size, quant_size, exp_split_a, origin, scale)
@@ -535,7 +567,11 @@ def _window_attention_backward_op(
         grads += [q.new_empty(0) if t is None else torch.zeros_like(t) for t in (table_q, table_k, table_v)]
         return tuple(grads)
     with torch.autocast(q.device.type, enabled=False):
-        backward = _window_attention_backward_ext if backend == "ext" else window_attention_backward_ref
+        backward = window_attention_backward_ref
+        if backend == "ext":
+            backward = _window_attention_backward_ext
+        elif backend == "triton":
+            backward = _triton_kernels().backward
         grads = backward(
             grad_out, q, k, v, out, lse, coords, batch, table_q, table_k, table_v, window_size,
             quant_size, exp_split_a, origin, scale)
@@ -585,9 +621,11 @@ _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 def choose_backend(q: Tensor, backend: str = "auto") -> str:
     """The backend :func:`window_attention` runs for ``q`` (raises BackendError if ``backend`` is
     forced and cannot serve it): ``ext`` (the compiled CPU kernel, when effnn._C is built) or
-    ``ref``."""
+    ``ref`` for CPU tensors, ``triton`` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``)
+    or ``ref`` for CUDA tensors."""
     return select_backend("window_attention", backend, q.device, {
         "ref": lambda: [],
+        "triton": lambda: _triton_reasons(q),
         "ext": lambda: _ext_reasons(q.device),
     })
 

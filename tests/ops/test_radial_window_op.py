@@ -303,8 +303,8 @@ def test_errors():
         window_attention(q, k, v, bad, batch, 1.0)
     with pytest.raises(ValueError, match="batch indices must be >= 0"):
         window_attention(q, k, v, xyz, batch - 5, 1.0)
-    with pytest.raises(effnn.BackendError, match="triton"):
-        window_attention(q, k, v, xyz, batch, 1.0, backend="triton")
+    with pytest.raises(effnn.BackendError, match="float64 is not supported"):
+        window_attention(q.double(), k.double(), v.double(), xyz, batch, 1.0, backend="triton")
     with pytest.raises(ValueError, match="64-bit window key"):
         window_partition(torch.tensor([[0.0, 0, 0], [1e7, 1e7, 1e7]]), torch.zeros(2, dtype=torch.long),
                          [1e-3] * 3)
