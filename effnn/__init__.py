@@ -14,7 +14,11 @@ from effnn.nn.asag import SparseAnchorGenerator, SparseAnchors, anchor_generator
 from effnn.nn.gblr import GaudiGBLRLinear, GBLRStructuredLinear
 from effnn.nn.mod import GammaRouter, MoDBlock, MoDRouter, mod_aux_loss
 from effnn.nn.moe import FeedForward, MoE
-from effnn.nn.radial_window import RadialWindowAttention, SphereFormerAttention
+from effnn.nn.radial_window import (
+    CubicWindowAttention,
+    RadialWindowAttention,
+    SphereFormerAttention,
+)
 from effnn.nn.routing_attention import BiLevelRoutingAttention
 from effnn.ops._dispatch import BackendError
 
@@ -23,7 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "GaudiGBLRLinear", "GBLRStructuredLinear", "GBLRConfig",
     "SparseAnchorGenerator", "SparseAnchors", "anchor_generator_loss", "query_weights",
-    "RadialWindowAttention", "SphereFormerAttention",
+    "CubicWindowAttention", "RadialWindowAttention", "SphereFormerAttention",
     "BiLevelRoutingAttention",
     "GammaRouter",
     "MoDBlock",

@@ -1,5 +1,6 @@
-"""SphereFormer's radial-window attention (``RadialWindowAttention``) and its official pairing
-with cubic windows (``SphereFormerAttention``, the official ``SparseMultiheadSASphereConcat``)."""
+"""SphereFormer's radial-window attention (``RadialWindowAttention``), its official pairing with
+cubic windows (``SphereFormerAttention``, the official ``SparseMultiheadSASphereConcat``), and
+cubic windows on every head (``CubicWindowAttention``, the baseline)."""
 
 from __future__ import annotations
 
@@ -99,7 +100,8 @@ class RadialWindowAttention(nn.Module):
             the official code).
         qkv_bias, qk_scale: as the official layer (scale default head_dim ** -0.5).
         proj_drop: dropout after the output projection.
-        backend: "auto" or "ref".
+        backend: "auto", "ref", "triton" (CUDA tensors) or "ext" (the compiled kernel of
+            effnn._C); see :func:`effnn.ops.radial_window.choose_backend`.
 
     Parameters: ``qkv`` Linear(C, 3C), ``proj`` Linear(C, C) and, with ``rel_pos``,
     ``relative_pos_query_table``, ``relative_pos_key_table``, ``relative_pos_value_table`` of shape
@@ -300,3 +302,69 @@ class SphereFormerAttention(nn.Module):
         return (f"dim={self.dim}, num_heads={self.num_heads} (cubic {self.num_heads_brc1}), "
                 f"window_size={self.window_size}, window_size_sphere={self.window_size_sphere}, "
                 f"a={self.a}, origin={self.origin!r}")
+
+
+class CubicWindowAttention(nn.Module):
+    r"""Window attention with every head in cubic windows on xyz and sptr's contextual relative
+    position encoding (the cubic branch of SphereFormer's ``SparseMultiheadSASphereConcat`` over
+    all heads; sptr's ``VarLengthMultiheadSA`` with ``pe_type="contextual"``): the baseline that
+    SphereFormer's radial windows are measured against.
+
+    Args:
+        dim, num_heads: channels and heads (any head_dim).
+        window_size: cube edge in the units of xyz (number or 3 numbers).
+        quant_size: position bins (default window_size / 24).
+        origin, qkv_bias, qk_scale, backend: as :class:`effnn.SphereFormerAttention`.
+
+    Parameters: ``qkv``, ``proj``, ``relative_pos_{query,key,value}_table`` (2L-1, 3, num_heads,
+    head_dim).
+
+    Shape: ``x`` (N, C), ``xyz`` (N, 3), ``batch`` (N,) -> (N, C).
+    """
+
+    def __init__(self, dim: int, num_heads: int, window_size=0.3, quant_size=None,
+                 origin: str = "fixed", qkv_bias: bool = True, qk_scale: float | None = None,
+                 backend: str = "auto", device=None, dtype=None) -> None:
+        super().__init__()
+        owner = type(self).__name__
+        _check_heads(owner, dim, num_heads)
+        if origin not in ORIGINS:
+            raise ValueError(f"{owner}: origin must be one of {ORIGINS}, got {origin!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"{owner}: backend must be one of {BACKENDS}, got {backend!r}")
+        self.dim, self.num_heads, self.origin, self.backend = dim, num_heads, origin, backend
+        self.window_size = _triple("window_size", window_size, owner)
+        self.quant_size = (tuple(w / 24 for w in self.window_size) if quant_size is None
+                           else _triple("quant_size", quant_size, owner))
+        lengths = [quant_grid_length(w, q) for w, q in zip(self.window_size, self.quant_size, strict=True)]
+        if lengths[0] < 1 or any(x != lengths[0] for x in lengths):
+            raise ValueError(f"{owner}: window_size / quant_size must give one number of bins >= 1, "
+                             f"got {lengths}")
+        head_dim = dim // num_heads
+        self.scale = qk_scale or head_dim**-0.5
+        factory = {"device": device, "dtype": dtype}
+        (self.relative_pos_query_table, self.relative_pos_key_table,
+         self.relative_pos_value_table) = _tables(2 * lengths[0] - 1, num_heads, head_dim, factory)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **factory)
+        self.proj = nn.Linear(dim, dim, **factory)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for t in (self.relative_pos_query_table, self.relative_pos_key_table, self.relative_pos_value_table):
+            nn.init.trunc_normal_(t, std=0.02)
+        self.qkv.reset_parameters()
+        self.proj.reset_parameters()
+
+    def forward(self, x: Tensor, xyz: Tensor, batch: Tensor) -> Tensor:
+        N, C = x.shape
+        q, k, v = self.qkv(x).view(N, 3, self.num_heads, C // self.num_heads).unbind(1)
+        out = window_attention(
+            q, k, v, xyz if xyz.dtype in (torch.float32, torch.float64) else xyz.float(), batch,
+            self.window_size, table_q=self.relative_pos_query_table,
+            table_k=self.relative_pos_key_table, table_v=self.relative_pos_value_table,
+            quant_size=self.quant_size, origin=self.origin, scale=self.scale, backend=self.backend)
+        return self.proj(out.reshape(N, C).to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, num_heads={self.num_heads}, window_size={self.window_size}, "
+                f"origin={self.origin!r}")
