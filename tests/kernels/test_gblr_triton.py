@@ -5,11 +5,6 @@ On a CPU-only machine these run under TRITON_INTERPRET=1 (set by tests/conftest.
 imported); on a CUDA machine without the interpreter they run the compiled kernels on the GPU.
 """
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 
@@ -20,6 +15,7 @@ from effnn.nn.gblr import GaudiGBLRLinear  # noqa: E402
 from effnn.ops import gblr as gblr_ops  # noqa: E402
 from effnn.ops._dispatch import BackendError  # noqa: E402
 from effnn.ops.gblr import gblr_dense_weight, gblr_structured, pack_structure  # noqa: E402
+from tests.sm90 import assert_compiles_for_sm90  # noqa: E402
 from tests.tolerances import assert_within_2x  # noqa: E402
 
 if kg._INTERPRET:
@@ -224,14 +220,10 @@ def test_forced_backend_errors(monkeypatch):
             gblr_structured(x, packed, bias, backend="triton")
 
 
-# Compiles the kernels for an H100/H200 (sm_90) without a GPU: the interpreter runs the kernels'
-# Python, so errors only the compiler sees (types of loop-carried values, layouts, dot shapes)
-# would otherwise wait for a GPU session. Both factor layouts, fp32 and bf16.
-_COMPILE_FOR_SM90 = textwrap.dedent("""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+# The kernels compiled for sm_90 without a GPU (tests/sm90.py): both factor layouts, fp32 and bf16.
+_COMPILE_FOR_SM90 = """
     from effnn.kernels import gblr as kg
+    from tests.sm90 import compile_for_sm90, signature
     assert not kg._INTERPRET
     ints = ("meta_ptr", "tile_group_ptr", "tile_row_ptr", "tile_col_ptr", "perm_ptr", "src_ptr")
     blocks = {kg._stage1_kernel: dict(zip(("BLOCK_R", "BLOCK_T", "BLOCK_C"), kg._S1)),
@@ -242,20 +234,12 @@ _COMPILE_FOR_SM90 = textwrap.dedent("""
             for fn, tiles in blocks.items():
                 consts = dict(TRANSPOSED=transposed, HAS_BIAS=True, HAS_SRC=True, DOT_PREC=prec,
                               INTERP_BF16=False, **tiles)
-                sig = {a: "constexpr" if a in consts else ("*i64" if a in ints else "*" + name)
-                       if a.endswith("_ptr") else "i32" for a in fn.arg_names}
-                src = ASTSource(fn, sig, {a: consts[a] for a in fn.arg_names if a in consts})
-                compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                          options={"num_warps": kg._WARPS})
-                assert compiled.asm["cubin"], fn.__name__
-    print("compiled")
-""")
+                sig = signature(fn, consts, lambda a: "*i64" if a in ints else "*" + name)
+                compile_for_sm90(fn, sig, consts, kg._WARPS)
+"""
 
 
 def test_kernels_compile_for_sm90():
     if DEVICE == "cuda":
         pytest.skip("the tests above compile and run the kernels on this GPU")
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    run = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-3000:]
+    assert_compiles_for_sm90(_COMPILE_FOR_SM90, timeout=300)

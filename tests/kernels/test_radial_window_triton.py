@@ -10,11 +10,6 @@ tiles and several key blocks per window. The interpreter is slow: shapes are tin
 use one head.
 """
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 
@@ -23,6 +18,7 @@ pytest.importorskip("triton")
 import effnn  # noqa: E402
 from effnn.kernels import radial_window as kr  # noqa: E402  (needs triton)
 from effnn.ops import radial_window as rw  # noqa: E402
+from tests.sm90 import assert_compiles_for_sm90  # noqa: E402
 from tests.tolerances import assert_close_scaled, assert_within_2x  # noqa: E402
 
 if kr._INTERPRET:
@@ -222,45 +218,29 @@ def test_sphereformer_attention_module():
     _same_module_results(ref, tri, torch.randn(16, 8, device=DEVICE), xyz, batch)
 
 
-# Compiles the three kernels for an H100/H200 (sm_90) without a GPU: the interpreter runs the
-# kernels' Python, so errors that only the compiler sees (types of loop-carried values, layouts,
-# gather and dot shapes) would otherwise wait for a GPU session. SphereFormer's shapes (head_dim 16,
-# L = 24), radial windows (every code path of the cubic ones plus the exponential axis), bf16.
-_COMPILE_FOR_SM90 = textwrap.dedent("""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+# The three kernels compiled for sm_90 without a GPU (tests/sm90.py): SphereFormer's shapes
+# (head_dim 16, L = 24), radial windows (every code path of the cubic ones plus the exponential
+# axis), bf16.
+_COMPILE_FOR_SM90 = """
     from effnn.kernels import radial_window as kr
+    from tests.sm90 import compile_for_sm90, signature
     assert not kr._INTERPRET
     ptrs = {"order_ptr": "*i64", "starts_ptr": "*i64", "tile_win_ptr": "*i32",
             "tile_row_ptr": "*i64", "codes_ptr": "*i32", "r_ptr": "*fp32", "ab_ptr": "*fp32",
             "lse_ptr": "*fp32", "delta_ptr": "*fp32"}
+
+    def pointer_type(arg):  # q, k, v, do, out, grads: bf16; tables: fp32
+        return ptrs.get(arg, "*fp32" if arg[:2] in ("tq", "tk", "tv", "dt") else "*bf16")
+
     block, warps = kr._launch_shape()
     consts = dict(REL=True, EXP=True, R64=False, DOT_PREC="ieee", INTERP_BF16=False,
                   BLOCK_M=block, BLOCK_N=block, BLOCK_D=16, BLOCK_L=32, BLOCK_R=64)
     for fn in (kr._forward_kernel, kr._backward_dq_kernel, kr._backward_dkv_kernel):
-        sig = {}
-        for arg in fn.arg_names:
-            if arg in consts:
-                sig[arg] = "constexpr"
-            elif arg in ptrs:
-                sig[arg] = ptrs[arg]
-            elif arg.endswith("_ptr"):  # q, k, v, do, out, grads: bf16; tables: fp32
-                sig[arg] = "*fp32" if arg[:2] in ("tq", "tk", "tv", "dt") else "*bf16"
-            else:
-                sig[arg] = "fp32" if arg == "scale" else "i32"
-        src = ASTSource(fn, sig, {a: consts[a] for a in fn.arg_names if a in consts})
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": warps})
-        assert compiled.asm["cubin"], fn.__name__
-    print("compiled")
-""")
+        compile_for_sm90(fn, signature(fn, consts, pointer_type, {"scale": "fp32"}), consts, warps)
+"""
 
 
 def test_kernels_compile_for_sm90():
     if DEVICE == "cuda":
         pytest.skip("the tests above compile and run the kernels on this GPU")
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    run = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-3000:]
+    assert_compiles_for_sm90(_COMPILE_FOR_SM90)

@@ -7,11 +7,6 @@ imported), where the kernels' tiles are 16 wide, so the shapes below cross tile 
 on a CUDA machine without the interpreter they run the compiled kernels.
 """
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 
@@ -25,6 +20,7 @@ from effnn.ops.routing_attention import (  # noqa: E402
     routed_attention_backward_ref,
     routed_attention_ref,
 )
+from tests.sm90 import assert_compiles_for_sm90  # noqa: E402
 from tests.tolerances import assert_close_scaled, assert_within_2x  # noqa: E402
 
 if kr._INTERPRET:
@@ -224,14 +220,12 @@ def test_opcheck_with_the_triton_backend():
     )
 
 
-# Compiles the three kernels for an H100/H200 (sm_90) without a GPU: the interpreter runs the
-# kernels' Python, so errors that only the compiler sees (types of loop-carried values, layouts,
-# dot shapes) would otherwise wait for a GPU session. Most general variant: every optional input.
-_COMPILE_FOR_SM90 = textwrap.dedent("""
-    import torch, triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+# The three kernels compiled for sm_90 without a GPU (tests/sm90.py), in the most general variant
+# (every optional input), bf16 and fp32.
+_COMPILE_FOR_SM90 = """
+    import torch
     from effnn.kernels import routing_attention as kr
+    from tests.sm90 import compile_for_sm90, signature
     assert not kr._INTERPRET
     index_ptrs = {"idx_ptr": "*i64", "order_ptr": "*i64", "starts_ptr": "*i64", "valid_ptr": "*u8",
                   "w_ptr": "*fp32", "lse_ptr": "*fp32", "delta_ptr": "*fp32", "dw_ptr": "*fp32"}
@@ -241,26 +235,12 @@ _COMPILE_FOR_SM90 = textwrap.dedent("""
                       DOT_PREC="tf32" if name == "bf16" else "ieee", INTERP_BF16=False,
                       BLOCK_M=largest, BLOCK_N=largest, BLOCK_DQK=32, BLOCK_DV=32)
         for fn in (kr._forward_kernel, kr._backward_dq_kernel, kr._backward_dkv_kernel):
-            sig = {}
-            for arg in fn.arg_names:
-                if arg in consts:
-                    sig[arg] = "constexpr"
-                elif arg.endswith("_ptr"):
-                    sig[arg] = index_ptrs.get(arg, "*" + name)
-                else:
-                    sig[arg] = "fp32" if arg == "scale" else "i32"
-            src = ASTSource(fn, sig, {a: consts[a] for a in fn.arg_names if a in consts})
-            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                      options={"num_warps": warps})
-            assert compiled.asm["cubin"], fn.__name__
-    print("compiled")
-""")
+            sig = signature(fn, consts, lambda a: index_ptrs.get(a, "*" + name), {"scale": "fp32"})
+            compile_for_sm90(fn, sig, consts, warps)
+"""
 
 
 def test_kernels_compile_for_sm90():
     if DEVICE == "cuda":
         pytest.skip("the tests above compile and run the kernels on this GPU")
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    run = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-3000:]
+    assert_compiles_for_sm90(_COMPILE_FOR_SM90, timeout=300)
