@@ -810,9 +810,11 @@ def gblr_project(
     w = weight.detach().to(dtype)
     limit = int(budget * m * n)
 
-    candidates = [_svd_candidate(w, K, r, limit), _pursuit_candidate(w, K, r, limit, num_scales, rounds, refit_sweeps)]
+    svd = torch.linalg.svd(w, full_matrices=False)  # the first candidate and the descent's start
+    candidates = [_svd_candidate(w, svd, K, r, limit),
+                  _pursuit_candidate(w, K, r, limit, num_scales, rounds, refit_sweeps)]
     if steps > 0:
-        descended = _descent_candidate(w, K, r, limit, steps, seed)
+        descended = _descent_candidate(w, svd, K, r, limit, steps, seed)
         if descended is not None:
             candidates.append(descended)
     errors = [_eval_error(w, *c) for c in candidates]
@@ -864,9 +866,9 @@ def _fit_budget_(widths: Tensor, limit: int, m: int, n: int, r: int) -> None:
     widths.sub_(shift[j]).clamp_(0, 1)
 
 
-def _svd_candidate(w: Tensor, K: int, r: int, limit: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _svd_candidate(w: Tensor, svd, K: int, r: int, limit: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     m, n = w.shape
-    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    u, s, vh = svd
     used = min(limit // (r * (m + n)), K, s.numel() // r)
     widths, locations, w1, w2 = _empty_parameters(K, r, m, n, w)
     root = s[:used * r].sqrt()
@@ -923,7 +925,7 @@ _FACTOR_LR = 0.15  # x the RMS of the initial factors
 _POLISH_LR = 0.045
 
 
-def _descent_candidate(w: Tensor, K: int, r: int, limit: int, steps: int,
+def _descent_candidate(w: Tensor, svd, K: int, r: int, limit: int, steps: int,
                        seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
     m, n = w.shape
     if K * r > min(m, n):
@@ -931,7 +933,7 @@ def _descent_candidate(w: Tensor, K: int, r: int, limit: int, steps: int,
     norm2 = w.square().sum()
     if norm2 == 0:
         return None
-    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    u, s, vh = svd
     root = s[:K * r].sqrt()
     w1 = (vh[:K * r] * root[:, None]).view(K, r, n)
     w2 = (u[:, :K * r] * root).view(m, K, r).transpose(0, 1).contiguous()
